@@ -1,0 +1,57 @@
+"""The fixed random assignment of sub-vector slots to pool entries.
+
+Word w's vector is the concatenation of K sub-vectors; slot (w, k) reads pool entry
+``mapping[w, k]``.  The table is never stored: it is regenerated from (V, K, M, pool kind,
+seed) with integer arithmetic only (a SplitMix64 hash of the slot number, then a stable
+sort), so it is the same on every machine and every numpy/torch version.  A checkpoint
+keeps only :func:`fingerprint` of the table, to detect a table that regenerated differently.
+"""
+import hashlib
+
+import numpy as np
+
+POOL_KINDS = ("position", "global")
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x):
+    """SplitMix64 finaliser, elementwise on a uint64 array (wrapping arithmetic)."""
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+    return x ^ (x >> np.uint64(31))
+
+
+def _sort_keys(seed, count):
+    """``count`` pseudo-random uint64 keys, a pure function of (seed, slot number)."""
+    stream = _splitmix64(np.array([seed], dtype=np.uint64))
+    return _splitmix64(np.arange(count, dtype=np.uint64) ^ stream)
+
+
+def make_mapping(num_words, num_subvectors, pool_size, pool_kind="position", seed=1):
+    """Return the (V, K) int64 table of pool entries, balanced to within one use.
+
+    position: column k holds entries k*M/K ... (k+1)*M/K - 1 only, each used
+        floor or ceil of V*K/M times.
+    global: any entry at any position, each used floor or ceil of V*K/M times.
+    As in the paper, a list holding every entry equally often is shuffled.
+    """
+    if pool_kind not in POOL_KINDS:
+        raise ValueError(f"pool kind must be one of {POOL_KINDS}, got {pool_kind!r}")
+    V, K, M = num_words, num_subvectors, pool_size
+    keys = _sort_keys(seed, V * K).reshape(V, K)
+    if pool_kind == "global":
+        balanced = np.arange(V * K, dtype=np.int64) % M
+        return balanced[np.argsort(keys.reshape(-1), kind="stable")].reshape(V, K)
+    per_position = M // K
+    balanced = np.arange(V, dtype=np.int64) % per_position
+    order = np.argsort(keys, axis=0, kind="stable")
+    return balanced[order] + np.arange(K, dtype=np.int64) * per_position
+
+
+def fingerprint(mapping):
+    """Short hex digest of a mapping table (its int64 little-endian bytes and shape)."""
+    table = np.ascontiguousarray(mapping, dtype="<i8")
+    digest = hashlib.sha256(repr(table.shape).encode() + table.tobytes())
+    return digest.hexdigest()[:15]

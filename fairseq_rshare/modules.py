@@ -1,0 +1,149 @@
+"""Random-shared input embedding and output layer (Li et al., AAAI 2018, arXiv 1711.09873)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .mapping import POOL_KINDS, fingerprint, make_mapping
+
+
+class RShareConfigError(ValueError):
+    """A bad rshare setting or checkpoint; fairseq_rshare prints its message without a traceback."""
+
+
+def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind):
+    """Raise RShareConfigError naming the flag to change when the table cannot be built."""
+    V, H, K, M = num_words, embed_dim, num_subvectors, pool_size
+    if K <= 0:
+        raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
+    if M <= 0:
+        raise RShareConfigError(f"--rshare-pool-size must be positive, got {M}")
+    if K > H:
+        raise RShareConfigError(
+            f"--rshare-subvectors {K} is larger than the embedding dim {H}: use at most {H}"
+        )
+    if H % K:
+        raise RShareConfigError(
+            f"embedding dim {H} is not divisible by --rshare-subvectors {K}: "
+            f"pick a divisor of {H}"
+        )
+    if pool_kind not in POOL_KINDS:
+        raise RShareConfigError(f"--rshare-pool-kind must be one of {POOL_KINDS}, got {pool_kind!r}")
+    if M < K:
+        raise RShareConfigError(
+            f"--rshare-pool-size {M} is smaller than --rshare-subvectors {K}: use at least {K}"
+        )
+    if pool_kind == "position" and M % K:
+        raise RShareConfigError(
+            f"--rshare-pool-size {M} is not divisible by --rshare-subvectors {K} "
+            f"(per-position pools): use {M - M % K} or {M - M % K + K}, or --rshare-pool-kind global"
+        )
+    if M >= V * K:
+        raise RShareConfigError(
+            f"--rshare-pool-size {M} gives no compression for a vocabulary of {V} words "
+            f"with {K} sub-vectors: use fewer than {V * K} entries (or a dense table)"
+        )
+
+
+class RandomSharedEmbedding(nn.Module):
+    """Token embedding whose V x H matrix is K sub-vectors per word, drawn from a pool of M.
+
+    Only ``pool`` (M x H/K) is trained.  ``mapping`` (V x K, pool row of each slot) is
+    regenerated from the settings and is not saved; ``mapping_fingerprint`` is saved, and
+    loading weights made with a different table is an error.
+    """
+
+    def __init__(
+        self,
+        num_embeddings,
+        embedding_dim,
+        padding_idx,
+        num_subvectors,
+        pool_size,
+        pool_kind="position",
+        seed=1,
+    ):
+        super().__init__()
+        check_table_shape(num_embeddings, embedding_dim, num_subvectors, pool_size, pool_kind)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.num_subvectors = num_subvectors
+        self.pool_size = pool_size
+        self.pool_kind = pool_kind
+        self.seed = seed
+        mapping = make_mapping(num_embeddings, num_subvectors, pool_size, pool_kind, seed)
+        self.fingerprint = fingerprint(mapping)
+        self.register_buffer("mapping", torch.from_numpy(mapping), persistent=False)
+        self.register_buffer(
+            "mapping_fingerprint", torch.tensor(int(self.fingerprint, 16)), persistent=True
+        )
+        self.pool = nn.Parameter(torch.empty(pool_size, embedding_dim // num_subvectors))
+        nn.init.normal_(self.pool, mean=0.0, std=embedding_dim**-0.5)
+
+    def forward(self, tokens):
+        vectors = F.embedding(self.mapping[tokens], self.pool).flatten(-2)
+        if self.padding_idx is not None:
+            vectors = vectors.masked_fill(tokens.eq(self.padding_idx).unsqueeze(-1), 0.0)
+        return vectors
+
+    def materialized_weight(self):
+        """The V x H matrix this module stands for (pad row included, not zeroed)."""
+        return self.pool[self.mapping].flatten(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        stored = state_dict.get(prefix + "mapping_fingerprint")
+        if stored is not None and int(stored) != int(self.mapping_fingerprint):
+            raise RShareConfigError(
+                f"checkpoint table '{prefix.rstrip('.')}' was trained with mapping fingerprint "
+                f"{int(stored):015x}, but these settings (V={self.num_embeddings}, "
+                f"K={self.num_subvectors}, M={self.pool_size}, pool kind={self.pool_kind}, "
+                f"seed={self.seed}) regenerate {self.fingerprint}: load it with the settings it "
+                "was trained with (do not override --rshare-* flags)"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, K={self.num_subvectors}, "
+            f"pool={self.pool_size} ({self.pool_kind}), seed={self.seed}, "
+            f"fingerprint={self.fingerprint}"
+        )
+
+
+class RandomSharedOutput(nn.Module):
+    """Output layer over a RandomSharedEmbedding: logit(w) = sum_k h_k . pool[mapping[w, k]].
+
+    The V x H matrix is never built.  Each token's K slices h_k are scored against the pool
+    entries they can meet (a table of R rows: M for per-position pools, K*M for a global
+    pool), then ``embedding_bag`` sums each word's K scores: O(R*H/K + V*K) per token
+    instead of O(V*H).
+    """
+
+    def __init__(self, table: RandomSharedEmbedding, bias=False):
+        super().__init__()
+        self.table = table
+        K, M = table.num_subvectors, table.pool_size
+        if table.pool_kind == "position":
+            bags = table.mapping
+        else:
+            bags = table.mapping + torch.arange(K) * M
+        self.register_buffer("bags", bags.contiguous(), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
+
+    def forward(self, features):
+        K, M = self.table.num_subvectors, self.table.pool_size
+        lead = features.shape[:-1]
+        slices = features.reshape(-1, K, features.shape[-1] // K).permute(1, 2, 0)
+        if self.table.pool_kind == "position":
+            pools = self.table.pool.view(K, M // K, -1)
+            scores = torch.bmm(pools, slices).reshape(M, -1)
+        else:
+            scores = torch.matmul(self.table.pool, slices).reshape(K * M, -1)
+        logits = F.embedding_bag(self.bags, scores, mode="sum").t()
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.reshape(*lead, -1)
+
+    def materialized_forward(self, features):
+        """Reference computation through the dense V x H matrix (for tests)."""
+        return F.linear(features, self.table.materialized_weight(), self.bias)

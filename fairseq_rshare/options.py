@@ -1,0 +1,130 @@
+"""The --rshare-* flags, shared by every rshare architecture, and the table builders they drive."""
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+
+from .modules import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
+
+TABLES = ("encoder-input", "decoder-input", "decoder-output")
+
+# Each table gets its own mapping: seed + offset (tied tables use the input table's).
+SEED_OFFSETS = {"encoder-input": 0, "decoder-input": 1, "decoder-output": 2}
+
+
+@dataclass
+class RShareConfig(FairseqDataclass):
+    rshare_subvectors: int = field(
+        default=8, metadata={"help": "K: sub-vectors per word vector (must divide the embed dim)"}
+    )
+    rshare_pool_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "M: pool entries per table, K*(entries per position); overrides --rshare-ratio"},
+    )
+    rshare_ratio: float = field(
+        default=0.1,
+        metadata={"help": "table size as a fraction of the dense V x H table: M = ratio*V*K, rounded to a multiple of K"},
+    )
+    rshare_pool_kind: ChoiceEnum(["position", "global"]) = field(
+        default="position",
+        metadata={"help": "position: slot k draws only from its own M/K entries (fast output layer); global: any entry anywhere (the paper's single pool)"},
+    )
+    rshare_seed: int = field(
+        default=1, metadata={"help": "seed of the fixed random mapping (not the training seed)"}
+    )
+    rshare_tables: str = field(
+        default="all",
+        metadata={"help": "comma-separated tables to random-share, from encoder-input, decoder-input, decoder-output; or all, or none (a dense baseline)"},
+    )
+    rshare_output_bias: bool = field(
+        default=False, metadata={"help": "add a per-word bias to the random-shared output layer"}
+    )
+
+
+def add_rshare_args(parser):
+    """Add the --rshare-* flags to an argparse-based model's parser (defaults come from the arch)."""
+    gen_parser_from_dataclass(parser, RShareConfig(), delete_default=True)
+
+
+def set_rshare_defaults(args):
+    for option in fields(RShareConfig):
+        if getattr(args, option.name, None) is None:
+            setattr(args, option.name, option.default)
+
+
+def rshare_tables(args, model_tables):
+    """The set of tables to random-share, checked against those the model has."""
+    spec = str(args.rshare_tables).strip()
+    if spec == "all":
+        return set(model_tables)
+    if spec == "none":
+        return set()
+    chosen = {name.strip() for name in spec.split(",") if name.strip()}
+    unknown = chosen - set(model_tables)
+    if unknown or not chosen:
+        raise RShareConfigError(
+            f"--rshare-tables {spec!r}: this model's tables are {', '.join(model_tables)} "
+            "(comma-separated), or use all / none"
+        )
+    return chosen
+
+
+def pool_size_for(args, num_words):
+    K = args.rshare_subvectors
+    if args.rshare_pool_size is not None:
+        return args.rshare_pool_size
+    if not 0 < args.rshare_ratio < 1:
+        raise RShareConfigError(
+            f"--rshare-ratio must be between 0 and 1 (exclusive), got {args.rshare_ratio}"
+        )
+    if K <= 0:
+        raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
+    return max(K, round(args.rshare_ratio * num_words) * K)
+
+
+def build_rshare_embedding(args, dictionary, embed_dim, table):
+    return RandomSharedEmbedding(
+        num_embeddings=len(dictionary),
+        embedding_dim=embed_dim,
+        padding_idx=dictionary.pad(),
+        num_subvectors=args.rshare_subvectors,
+        pool_size=pool_size_for(args, len(dictionary)),
+        pool_kind=str(args.rshare_pool_kind),
+        seed=args.rshare_seed + SEED_OFFSETS[table],
+    )
+
+
+def check_tied(tables, first, second, flag):
+    """Two tied tables must both be random-shared or both dense."""
+    if (first in tables) != (second in tables):
+        raise RShareConfigError(
+            f"{flag} ties {first} and {second}, but --rshare-tables random-shares only "
+            f"{first if first in tables else second}: list both tables or neither"
+        )
+
+
+def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
+    """The decoder's random-shared output layer, or None when it stays dense."""
+    tied = bool(getattr(args, "share_decoder_input_output_embed", False))
+    if tied:
+        check_tied(tables, "decoder-input", "decoder-output", "--share-decoder-input-output-embed")
+    if "decoder-output" not in tables:
+        return None
+    if tied:
+        if decoder_embed.embedding_dim != output_dim:
+            raise RShareConfigError(
+                f"--share-decoder-input-output-embed needs the decoder input dim "
+                f"({decoder_embed.embedding_dim}) to equal its output dim ({output_dim})"
+            )
+        return RandomSharedOutput(decoder_embed, bias=args.rshare_output_bias)
+    table = build_rshare_embedding(args, dictionary, output_dim, "decoder-output")
+    return RandomSharedOutput(table, bias=args.rshare_output_bias)
+
+
+def reject_adaptive_softmax(args):
+    if getattr(args, "criterion", None) == "adaptive_loss":
+        raise RShareConfigError(
+            "rshare architectures have no adaptive softmax: use --criterion cross_entropy"
+        )
+    args.adaptive_softmax_cutoff = None

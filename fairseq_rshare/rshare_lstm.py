@@ -1,0 +1,86 @@
+"""rshare_lstm: fairseq's LSTM encoder-decoder with random-shared embeddings and output layer."""
+from fairseq import utils
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.lstm import (
+    DEFAULT_MAX_SOURCE_POSITIONS,
+    DEFAULT_MAX_TARGET_POSITIONS,
+    LSTMEncoder,
+    LSTMModel,
+)
+from fairseq.models.lstm import base_architecture as lstm_base_architecture
+
+from .modules import RShareConfigError
+from .options import (
+    add_rshare_args,
+    build_rshare_embedding,
+    check_tied,
+    reject_adaptive_softmax,
+    rshare_tables,
+    set_rshare_defaults,
+)
+from .rshare_lstm_lm import build_rshare_lstm_decoder
+
+
+@register_model("rshare_lstm")
+class RShareLSTMModel(LSTMModel):
+    @staticmethod
+    def add_args(parser):
+        LSTMModel.add_args(parser)
+        add_rshare_args(parser)
+
+    @classmethod
+    def build_model(cls, args, task):
+        rshare_lstm_architecture(args)
+        if args.encoder_layers != args.decoder_layers:
+            raise RShareConfigError("--encoder-layers must match --decoder-layers")
+        args.max_source_positions = getattr(args, "max_source_positions", DEFAULT_MAX_SOURCE_POSITIONS)
+        args.max_target_positions = getattr(args, "max_target_positions", DEFAULT_MAX_TARGET_POSITIONS)
+        tables = rshare_tables(args, ("encoder-input", "decoder-input", "decoder-output"))
+        src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
+
+        if args.share_all_embeddings:
+            if src_dict != tgt_dict or args.encoder_embed_dim != args.decoder_embed_dim:
+                raise RShareConfigError(
+                    "--share-all-embeddings needs a joined dictionary and "
+                    "--encoder-embed-dim equal to --decoder-embed-dim"
+                )
+            check_tied(tables, "encoder-input", "decoder-input", "--share-all-embeddings")
+            args.share_decoder_input_output_embed = True
+
+        encoder_embed = decoder_embed = None
+        if "encoder-input" in tables:
+            encoder_embed = build_rshare_embedding(args, src_dict, args.encoder_embed_dim, "encoder-input")
+        if args.share_all_embeddings:
+            decoder_embed = encoder_embed
+        elif "decoder-input" in tables:
+            decoder_embed = build_rshare_embedding(args, tgt_dict, args.decoder_embed_dim, "decoder-input")
+
+        encoder = LSTMEncoder(
+            dictionary=src_dict,
+            embed_dim=args.encoder_embed_dim,
+            hidden_size=args.encoder_hidden_size,
+            num_layers=args.encoder_layers,
+            dropout_in=args.encoder_dropout_in,
+            dropout_out=args.encoder_dropout_out,
+            bidirectional=args.encoder_bidirectional,
+            pretrained_embed=encoder_embed,
+            max_source_positions=args.max_source_positions,
+        )
+        if args.share_all_embeddings and decoder_embed is None:
+            decoder_embed = encoder.embed_tokens
+        decoder = build_rshare_lstm_decoder(
+            args,
+            tgt_dict,
+            encoder_output_units=encoder.output_units,
+            attention=utils.eval_bool(args.decoder_attention),
+            tables=tables,
+            embed=decoder_embed,
+        )
+        return cls(encoder, decoder)
+
+
+@register_model_architecture("rshare_lstm", "rshare_lstm")
+def rshare_lstm_architecture(args):
+    reject_adaptive_softmax(args)
+    set_rshare_defaults(args)
+    lstm_base_architecture(args)

@@ -1,0 +1,57 @@
+"""rshare_transformer_lm: fairseq's transformer LM with random-shared input and output tables."""
+from dataclasses import dataclass
+
+from fairseq.models import register_model
+from fairseq.models.transformer import DEFAULT_MAX_TARGET_POSITIONS, TransformerDecoder
+from fairseq.models.transformer_lm import (
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+)
+
+from .modules import RShareConfigError
+from .options import (
+    RShareConfig,
+    build_rshare_embedding,
+    build_rshare_output,
+    rshare_tables,
+)
+
+
+@dataclass
+class RShareTransformerLanguageModelConfig(TransformerLanguageModelConfig, RShareConfig):
+    pass
+
+
+# A model registered with a dataclass gets an architecture of its own name, with the
+# dataclass defaults (those of fairseq's transformer_lm plus the --rshare-* flags).
+@register_model("rshare_transformer_lm", dataclass=RShareTransformerLanguageModelConfig)
+class RShareTransformerLanguageModel(TransformerLanguageModel):
+    @classmethod
+    def build_model(cls, args, task):
+        if args.character_embeddings or args.adaptive_input or args.adaptive_softmax_cutoff:
+            raise RShareConfigError(
+                "rshare_transformer_lm replaces the embeddings and softmax: drop "
+                "--character-embeddings, --adaptive-input and --adaptive-softmax-cutoff"
+            )
+        if getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = getattr(
+                args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS
+            )
+        tables = rshare_tables(args, ("decoder-input", "decoder-output"))
+        if "decoder-input" in tables:
+            embed_tokens = build_rshare_embedding(
+                args, task.source_dictionary, args.decoder_input_dim, "decoder-input"
+            )
+        else:
+            embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
+        output = build_rshare_output(
+            args, task.target_dictionary, args.decoder_output_dim, tables, embed_tokens
+        )
+        decoder = TransformerDecoder(
+            args,
+            task.target_dictionary,
+            embed_tokens,
+            no_encoder_attn=True,
+            output_projection=output,
+        )
+        return cls(decoder)

@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
+from fairseq_rshare.mapping import fingerprint, make_mapping
+
+GOLDEN_FINGERPRINTS = {
+    (10, 4, 8, "position", 1): "508325ab1362e31",
+    (10, 4, 8, "global", 1): "2cb1708d1220455",
+    (1000, 8, 800, "position", 1): "2fd7caaa87f519c",
+    (1000, 8, 800, "global", 1): "9286a2d308b7464",
+    (33278, 8, 26616, "position", 7): "b3492db92290dfd",
+    (12345, 4, 1000, "global", 123): "65a73c57560a9ec",
+}
+
+
+@pytest.mark.parametrize("config", sorted(GOLDEN_FINGERPRINTS))
+def test_mapping_matches_golden_fingerprint(config):
+    assert fingerprint(make_mapping(*config)) == GOLDEN_FINGERPRINTS[config]
+
+
+@pytest.mark.parametrize("V,K,M", [(1000, 8, 800), (997, 4, 40), (50, 5, 35), (12345, 4, 1000)])
+def test_global_pool_is_balanced(V, K, M):
+    counts = np.bincount(make_mapping(V, K, M, "global", seed=3).ravel(), minlength=M)
+    share = V * K / M
+    assert counts.sum() == V * K
+    assert np.all(np.abs(counts - share) <= 1)
+
+
+@pytest.mark.parametrize("V,K,M", [(1000, 8, 800), (997, 4, 40), (50, 5, 35), (12345, 4, 1000)])
+def test_position_pools_are_balanced_and_private(V, K, M):
+    mapping = make_mapping(V, K, M, "position", seed=3)
+    per_position = M // K
+    for k in range(K):
+        column = mapping[:, k]
+        assert column.min() >= k * per_position and column.max() < (k + 1) * per_position
+        counts = np.bincount(column - k * per_position, minlength=per_position)
+        assert np.all(np.abs(counts - V / per_position) <= 1)
+
+
+def test_mapping_depends_on_seed_and_is_repeatable():
+    first = make_mapping(500, 4, 200, "position", seed=1)
+    assert np.array_equal(first, make_mapping(500, 4, 200, "position", seed=1))
+    assert not np.array_equal(first, make_mapping(500, 4, 200, "position", seed=2))
+
+
+def make_output(V=37, H=12, K=4, M=16, kind="position", bias=False):
+    torch.manual_seed(0)
+    table = RandomSharedEmbedding(V, H, padding_idx=1, num_subvectors=K, pool_size=M, pool_kind=kind)
+    output = RandomSharedOutput(table, bias=bias).double()
+    if bias:
+        torch.nn.init.normal_(output.bias)
+    return output
+
+
+@pytest.mark.parametrize("kind", ["position", "global"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_logits_equal_materialized_matrix(kind, bias):
+    output = make_output(V=301, H=24, K=6, M=60, kind=kind, bias=bias)
+    features = torch.randn(3, 5, 24, dtype=torch.float64)
+    weight = torch.stack(
+        [torch.cat([output.table.pool[j] for j in row]) for row in output.table.mapping.tolist()]
+    )
+    expected = features @ weight.t() + (output.bias if bias else 0)
+    assert torch.allclose(output(features), expected, atol=1e-5, rtol=0)
+    assert torch.allclose(output.materialized_forward(features), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["position", "global"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_gradients_pass_gradcheck(kind, bias):
+    output = make_output(kind=kind, bias=bias)
+    features = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    pool = output.table.pool.detach().clone().requires_grad_()
+    names = ["table.pool"] + (["bias"] if bias else [])
+    extra = [output.bias.detach().clone().requires_grad_()] if bias else []
+
+    def logits(x, *params):
+        return functional_call(output, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(logits, (features, pool, *extra))
+
+
+@pytest.mark.parametrize("kind", ["position", "global"])
+def test_output_gradients_equal_materialized_gradients(kind):
+    output = make_output(V=211, H=16, K=4, M=40, kind=kind, bias=True)
+    features = torch.randn(9, 16, dtype=torch.float64)
+    targets = torch.randint(211, (9,))
+    grads = []
+    for forward in (output, output.materialized_forward):
+        output.zero_grad()
+        F.cross_entropy(forward(features), targets).backward()
+        grads.append((output.table.pool.grad.clone(), output.bias.grad.clone()))
+    for fast, reference in zip(*grads):
+        assert torch.allclose(fast, reference, atol=1e-10)
+
+
+def test_embedding_concatenates_pool_rows_and_zeroes_padding():
+    table = RandomSharedEmbedding(50, 12, padding_idx=1, num_subvectors=3, pool_size=30)
+    tokens = torch.tensor([[0, 1, 2], [49, 1, 7]])
+    vectors = table(tokens)
+    assert vectors.shape == (2, 3, 12)
+    assert torch.equal(vectors[:, 1], torch.zeros(2, 12))
+    for word in (0, 2, 49, 7):
+        rows = [table.pool[j] for j in table.mapping[word].tolist()]
+        position = (tokens == word).nonzero()[0].tolist()
+        assert torch.equal(vectors[tuple(position)], torch.cat(rows))
+
+
+def test_padding_gets_no_gradient():
+    table = RandomSharedEmbedding(20, 8, padding_idx=1, num_subvectors=2, pool_size=10)
+    table(torch.tensor([1, 1, 1])).sum().backward()
+    assert torch.count_nonzero(table.pool.grad) == 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_parameter_count_is_pool_plus_bias(bias):
+    V, H, K, M = 1000, 64, 8, 400
+    output = RandomSharedOutput(RandomSharedEmbedding(V, H, 1, K, M), bias=bias)
+    trainable = sum(p.numel() for p in output.parameters() if p.requires_grad)
+    assert trainable == M * H // K + (V if bias else 0)
+    assert set(output.state_dict()) == {"table.pool", "table.mapping_fingerprint"} | (
+        {"bias"} if bias else set()
+    )
+
+
+@pytest.mark.parametrize(
+    "V,H,K,M,kind,message",
+    [
+        (100, 30, 4, 40, "position", "not divisible by --rshare-subvectors"),
+        (100, 8, 16, 32, "position", "larger than the embedding dim"),
+        (100, 16, 4, 2, "global", "smaller than --rshare-subvectors"),
+        (100, 16, 4, 42, "position", "use 40 or 44"),
+        (100, 16, 4, 400, "position", "no compression"),
+        (100, 16, 0, 40, "position", "--rshare-subvectors must be positive"),
+        (100, 16, 4, -4, "position", "--rshare-pool-size must be positive"),
+        (100, 16, 4, 40, "shared", "--rshare-pool-kind must be one of"),
+    ],
+)
+def test_invalid_tables_name_the_flag(V, H, K, M, kind, message):
+    with pytest.raises(RShareConfigError, match=message):
+        RandomSharedEmbedding(V, H, 1, K, M, pool_kind=kind)
+
+
+def test_loading_weights_of_another_mapping_is_an_error():
+    trained = RandomSharedEmbedding(100, 16, 1, 4, 40, seed=1)
+    other_seed = RandomSharedEmbedding(100, 16, 1, 4, 40, seed=2)
+    with pytest.raises(RShareConfigError, match="mapping fingerprint"):
+        other_seed.load_state_dict(trained.state_dict())
+    same = RandomSharedEmbedding(100, 16, 1, 4, 40, seed=1)
+    same.load_state_dict(trained.state_dict())
+    assert torch.equal(same.pool, trained.pool)
