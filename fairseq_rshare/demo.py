@@ -104,17 +104,19 @@ def train_and_evaluate(name, model_flags, data_bin, work_dir, minutes, hidden):
             "--sample-break-mode", "none", "--max-epoch", "50",
             "--stop-time-hours", str(minutes / 60), "--cpu", "--seed", "1",
             "--save-dir", save_dir, "--no-epoch-checkpoints", "--log-format", "simple",
-            "--log-interval", "50", "--no-progress-bar", *model_flags,
+            "--log-interval", "50", "--no-progress-bar", "--required-batch-size-multiple", "1",
+            *model_flags,
         ],
         os.path.join(work_dir, f"{name}.train.log"),
         prefix=name,
     )
-    words_per_second = [float(w) for w in re.findall(r"train_inner .*?wps=([\d.]+)", train_log)]
+    words_per_second = re.findall(r"\| train \| epoch .*?\| wps ([\d.]+)", train_log)
     checkpoint = os.path.join(save_dir, "checkpoint_best.pt")
     eval_log = run(
         [
             "fairseq-eval-lm", data_bin, "--user-dir", USER_DIR, "--path", checkpoint,
             "--gen-subset", "test", "--tokens-per-sample", "64", "--max-tokens", "4096", "--cpu",
+            "--required-batch-size-multiple", "1",
         ],
         os.path.join(work_dir, f"{name}.eval.log"),
     )
@@ -124,7 +126,7 @@ def train_and_evaluate(name, model_flags, data_bin, work_dir, minutes, hidden):
         "test_ppl": perplexity,
         "params": parameters_by_component(checkpoint),
         "checkpoint_bytes": os.path.getsize(checkpoint),
-        "words_per_second": float(np.mean(words_per_second)) if words_per_second else float("nan"),
+        "words_per_second": float(words_per_second[-1]),
     }
 
 
@@ -180,7 +182,6 @@ def main(argv=None):
     print()
     print(format_table(results))
     print(f"\n(total {time.time() - started:.0f} s; logs and checkpoints in {args.work_dir})")
-    return results
 
 
 if __name__ == "__main__":

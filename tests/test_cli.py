@@ -1,0 +1,184 @@
+"""Every registered architecture through the stock fairseq command-line tools, on real data."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import USER_DIR, fairseq
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["--user-dir", USER_DIR, "--cpu", "--optimizer", "adam", "--lr", "0.005",
+          "--max-tokens", "1024", "--no-progress-bar", "--log-format", "simple",
+          "--log-interval", "10", "--no-epoch-checkpoints", "--seed", "1"]
+TINY_TRANSFORMER = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32",
+                    "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+                    "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+                    "--decoder-attention-heads", "2"]
+SMALL_LSTM = ["--encoder-embed-dim", "32", "--encoder-hidden-size", "32",
+              "--decoder-embed-dim", "32", "--decoder-hidden-size", "32",
+              "--decoder-out-embed-dim", "32", "--encoder-layers", "1", "--decoder-layers", "1"]
+
+LM_CASES = {
+    "lstm_lm": ["--arch", "rshare_lstm_lm", "--decoder-embed-dim", "32",
+                "--decoder-hidden-size", "32", "--decoder-out-embed-dim", "32"],
+    "lstm_lm_tied_global_bias": ["--arch", "rshare_lstm_lm", "--decoder-embed-dim", "32",
+                                 "--decoder-hidden-size", "32", "--decoder-out-embed-dim", "32",
+                                 "--share-decoder-input-output-embed", "--rshare-pool-kind", "global",
+                                 "--rshare-output-bias"],
+    "lstm_lm_ptb_small": ["--arch", "rshare_lstm_lm_ptb_small", "--rshare-tables", "decoder-output"],
+    "transformer_lm": ["--arch", "rshare_transformer_lm", "--decoder-layers", "1",
+                       "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+                       "--decoder-attention-heads", "2", "--share-decoder-input-output-embed"],
+}
+NMT_CASES = {
+    "lstm_share_all": ["--arch", "rshare_lstm", *SMALL_LSTM, "--share-all-embeddings"],
+    "transformer": ["--arch", "rshare_transformer", *TINY_TRANSFORMER, "--rshare-subvectors", "4"],
+    "transformer_iwslt_de_en": ["--arch", "rshare_transformer_iwslt_de_en", "--max-update", "2"],
+}
+
+
+def train(data, save_dir, task_flags, model_flags, max_update=30, extra=()):
+    return fairseq("fairseq-train", data, *COMMON, *task_flags, *model_flags,
+                   "--max-update", max_update, "--save-dir", save_dir, *extra)
+
+
+def lm_task(tokens=32):
+    return ["--task", "language_modeling", "--tokens-per-sample", str(tokens)]
+
+
+NMT_TASK = ["--task", "translation", "--source-lang", "de", "--target-lang", "en"]
+
+
+@pytest.fixture(scope="module")
+def trained(lm_data, nmt_data, tmp_path_factory):
+    """Train each case once (on first use); return its checkpoint directory."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            save_dir = tmp_path_factory.mktemp(case)
+            if case in LM_CASES:
+                result = train(lm_data, save_dir, lm_task(), LM_CASES[case])
+            else:
+                result = train(nmt_data, save_dir, NMT_TASK, NMT_CASES[case])
+            assert "done training" in result.stderr + result.stdout
+            cache[case] = save_dir
+        return cache[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", sorted(LM_CASES))
+def test_lm_arch_trains_and_eval_lm_scores(case, trained, lm_data):
+    checkpoint = trained(case) / "checkpoint_last.pt"
+    result = fairseq("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", checkpoint,
+                     "--gen-subset", "test", "--tokens-per-sample", "32", "--cpu",
+                     "--required-batch-size-multiple", "1", "--max-len-a", "1.2", "--max-len-b", "10")
+    perplexity = float(re.findall(r"Perplexity: ([\d.]+)", result.stderr + result.stdout)[-1])
+    vocabulary = len(open(lm_data / "dict.txt").readlines()) + 4
+    assert math.isfinite(perplexity) and perplexity < vocabulary / 2
+
+
+@pytest.mark.parametrize("case", sorted(NMT_CASES))
+def test_nmt_arch_trains_and_generates_with_beam_search(case, trained, nmt_data):
+    checkpoint = trained(case) / "checkpoint_last.pt"
+    result = fairseq("fairseq-generate", nmt_data, "--user-dir", USER_DIR, "--path", checkpoint,
+                     "--gen-subset", "test", "--beam", "4", "--batch-size", "8", "--cpu",
+                     "--required-batch-size-multiple", "1", "--max-len-a", "1.2", "--max-len-b", "10")
+    hypotheses = [line for line in result.stdout.splitlines() if line.startswith("H-")]
+    assert len(hypotheses) == 20
+    assert re.search(r"BLEU4 = [\d.]+", result.stdout)
+
+
+def test_interactive_translates_with_incremental_beam_search(trained, nmt_data):
+    checkpoint = trained("transformer") / "checkpoint_last.pt"
+    result = fairseq("fairseq-interactive", nmt_data, "--user-dir", USER_DIR, "--path", checkpoint,
+                     "--source-lang", "de", "--target-lang", "en", "--beam", "4", "--cpu",
+                     stdin="ein mann fährt fahrrad .\nzwei hunde spielen im schnee .\n")
+    hypotheses = [line for line in result.stdout.splitlines() if line.startswith("H-")]
+    assert len(hypotheses) == 2 and all(h.split("\t")[2].strip() for h in hypotheses)
+
+
+LOGITS_SCRIPT = """
+import sys, torch, fairseq_rshare
+from fairseq import checkpoint_utils
+from fairseq.models import FairseqEncoderDecoderModel
+[model], _ = checkpoint_utils.load_model_ensemble([sys.argv[1]])
+model.eval()
+torch.manual_seed(0)
+tokens = torch.randint(4, 40, (3, 9))
+with torch.no_grad():
+    if isinstance(model, FairseqEncoderDecoderModel):
+        logits = model(tokens, torch.full((3,), 9), tokens)[0]
+    else:
+        logits = model(tokens)[0]
+torch.save(logits, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("case", ["lstm_lm_tied_global_bias", "transformer"])
+def test_reloaded_checkpoint_gives_bit_identical_outputs(case, trained, tmp_path):
+    checkpoint = trained(case) / "checkpoint_last.pt"
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"logits{run}.pt"
+        subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, str(checkpoint), str(out)],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": str(run + 1)})
+        outputs.append(torch.load(out))
+    assert outputs[0].shape[-1] > 100
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_resume_from_checkpoint_last(lm_data, tmp_path):
+    flags = LM_CASES["lstm_lm"]
+    train(lm_data, tmp_path, lm_task(), flags, max_update=10)
+    resumed = train(lm_data, tmp_path, lm_task(), flags, max_update=20)
+    log = resumed.stderr + resumed.stdout
+    assert re.search(r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ 10 updates\)", log)
+    assert re.search(r"num_updates 20\b", log)
+
+
+def test_hub_interface_translates(trained, nmt_data):
+    import fairseq_rshare  # noqa: F401
+    from fairseq_rshare.rshare_transformer import RShareTransformerModel
+
+    hub = RShareTransformerModel.from_pretrained(
+        str(trained("transformer")), checkpoint_file="checkpoint_last.pt",
+        data_name_or_path=str(nmt_data),
+    )
+    translation = hub.translate("ein mann fährt fahrrad .", beam=4)
+    assert isinstance(translation, str) and translation.strip()
+
+
+def test_model_overrides_that_change_the_mapping_fail_clearly(trained, lm_data):
+    checkpoint = trained("lstm_lm") / "checkpoint_last.pt"
+    result = fairseq("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", checkpoint,
+                     "--cpu", "--model-overrides", "{'rshare_seed': 9}", check=False)
+    assert result.returncode != 0
+    assert "fairseq_rshare: error:" in result.stderr and "mapping fingerprint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--rshare-subvectors", "7"], "embedding dim 32 is not divisible by --rshare-subvectors 7"),
+        (["--rshare-pool-size", "12"], "--rshare-pool-size 12 is not divisible"),
+        (["--rshare-ratio", "1.5"], "--rshare-ratio must be between 0 and 1"),
+        (["--rshare-tables", "encoder-input"], "this model's tables are decoder-input, decoder-output"),
+        (["--share-decoder-input-output-embed", "--rshare-tables", "decoder-input"],
+         "list both tables or neither"),
+        (["--criterion", "adaptive_loss"], "use --criterion cross_entropy"),
+    ],
+)
+def test_bad_flags_fail_with_one_clear_message(flags, message, lm_data, tmp_path):
+    result = fairseq("fairseq-train", lm_data, *COMMON, *lm_task(), *LM_CASES["lstm_lm"], *flags,
+                     "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert result.returncode != 0
+    assert "fairseq_rshare: error: " in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
