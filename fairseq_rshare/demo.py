@@ -60,7 +60,8 @@ def run(command, log_path, prefix=None):
     with open(log_path, "w") as log:
         log.write(" ".join(command) + "\n")
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         for line in process.stdout:
             log.write(line)
