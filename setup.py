@@ -8,6 +8,6 @@ setup(
     packages=["fairseq_rshare"],
     python_requires=">=3.8",
     install_requires=["ve-fairseq==0.12.3", "torch>=2.6", "numpy"],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "hypothesis"]},
     entry_points={"console_scripts": ["fairseq-rshare-demo=fairseq_rshare.demo:main"]},
 )

@@ -6,6 +6,10 @@ import torch.nn.functional as F
 from .mapping import POOL_KINDS, fingerprint, make_mapping
 
 
+# Slot indices stay below 2**31 so that every index kernel (and int32 users) can address them.
+MAX_SLOTS = 2**31 - 1
+
+
 class RShareConfigError(ValueError):
     """A bad rshare setting or checkpoint; fairseq_rshare prints its message without a traceback."""
 
@@ -36,6 +40,16 @@ def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind
         raise RShareConfigError(
             f"--rshare-pool-size {M} is not divisible by --rshare-subvectors {K} "
             f"(per-position pools): use {M - M % K} or {M - M % K + K}, or --rshare-pool-kind global"
+        )
+    if pool_kind == "position" and M // K < 2:
+        raise RShareConfigError(
+            f"--rshare-pool-size {M} leaves one entry per position, so every word would get "
+            f"the same vector: use at least {2 * K} (or a larger --rshare-ratio)"
+        )
+    if V * K > MAX_SLOTS:
+        raise RShareConfigError(
+            f"a vocabulary of {V} words with --rshare-subvectors {K} has {V * K} slots, more "
+            f"than the {MAX_SLOTS} supported: use fewer sub-vectors or a smaller vocabulary"
         )
     if M >= V * K:
         raise RShareConfigError(

@@ -80,7 +80,7 @@ def pool_size_for(args, num_words):
         )
     if K <= 0:
         raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
-    return max(K, round(args.rshare_ratio * num_words) * K)
+    return max(2 * K, round(args.rshare_ratio * num_words) * K)
 
 
 def build_rshare_embedding(args, dictionary, embed_dim, table):

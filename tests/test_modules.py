@@ -137,6 +137,8 @@ def test_parameter_count_is_pool_plus_bias(bias):
         (100, 16, 4, 400, "position", "no compression"),
         (100, 16, 0, 40, "position", "--rshare-subvectors must be positive"),
         (100, 16, 4, -4, "position", "--rshare-pool-size must be positive"),
+        (100, 16, 4, 4, "position", "every word would get the same vector"),
+        (2**29, 16, 4, 64, "position", "more than the 2147483647 supported"),
         (100, 16, 4, 40, "shared", "--rshare-pool-kind must be one of"),
     ],
 )
