@@ -3,16 +3,11 @@
 Use with ``fairseq-train --user-dir fairseq_rshare --arch rshare_lstm_lm ...`` or ``import
 fairseq_rshare`` (after ``pip install``): importing registers the architectures.
 """
-import argparse
 import sys
 
-import torch
-
 from .modules import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
+from .checkpoints import RShareCheckpointError
 from . import rshare_lstm, rshare_lstm_lm, rshare_transformer, rshare_transformer_lm  # noqa: F401
-
-# fairseq checkpoints hold argparse.Namespace; torch >= 2.6 loads with weights_only=True.
-torch.serialization.add_safe_globals([argparse.Namespace])
 
 
 def _print_config_errors(exc_type, exc, tb, _previous_hook=sys.excepthook):
@@ -25,4 +20,4 @@ def _print_config_errors(exc_type, exc, tb, _previous_hook=sys.excepthook):
 
 sys.excepthook = _print_config_errors
 
-__all__ = ["RandomSharedEmbedding", "RandomSharedOutput", "RShareConfigError"]
+__all__ = ["RandomSharedEmbedding", "RandomSharedOutput", "RShareConfigError", "RShareCheckpointError"]

@@ -58,6 +58,19 @@ def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind
         )
 
 
+def check_same_on_all_ranks(fingerprint):
+    """In distributed training every rank must regenerate the same table."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    fingerprints = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(fingerprints, fingerprint)
+    if len(set(fingerprints)) > 1:
+        raise RShareConfigError(
+            f"the ranks built different rshare mappings ({', '.join(fingerprints)}): start "
+            "every rank with the same --rshare-* flags and the same dictionary"
+        )
+
+
 class RandomSharedEmbedding(nn.Module):
     """Token embedding whose V x H matrix is K sub-vectors per word, drawn from a pool of M.
 
@@ -87,6 +100,7 @@ class RandomSharedEmbedding(nn.Module):
         self.seed = seed
         mapping = make_mapping(num_embeddings, num_subvectors, pool_size, pool_kind, seed)
         self.fingerprint = fingerprint(mapping)
+        check_same_on_all_ranks(self.fingerprint)
         self.register_buffer("mapping", torch.from_numpy(mapping), persistent=False)
         self.register_buffer(
             "mapping_fingerprint", torch.tensor(int(self.fingerprint, 16)), persistent=True

@@ -84,6 +84,11 @@ def pool_size_for(args, num_words):
 
 
 def build_rshare_embedding(args, dictionary, embed_dim, table):
+    if sum(dictionary.count[dictionary.nspecial:]) == 0:
+        raise RShareConfigError(
+            f"the {table} dictionary has no word seen in the data, only fairseq's special "
+            "symbols: was the training data empty? Run fairseq-preprocess on a non-empty --trainpref"
+        )
     return RandomSharedEmbedding(
         num_embeddings=len(dictionary),
         embedding_dim=embed_dim,

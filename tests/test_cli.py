@@ -99,9 +99,10 @@ def test_interactive_translates_with_incremental_beam_search(trained, nmt_data):
     checkpoint = trained("transformer") / "checkpoint_last.pt"
     result = fairseq("fairseq-interactive", nmt_data, "--user-dir", USER_DIR, "--path", checkpoint,
                      "--source-lang", "de", "--target-lang", "en", "--beam", "4", "--cpu",
-                     stdin="ein mann fährt fahrrad .\nzwei hunde spielen im schnee .\n")
+                     stdin="ein mann fährt fahrrad .\nzwei hunde spielen im schnee .\nxyzzy quux .\n")
     hypotheses = [line for line in result.stdout.splitlines() if line.startswith("H-")]
-    assert len(hypotheses) == 2 and all(h.split("\t")[2].strip() for h in hypotheses)
+    assert len(hypotheses) == 3 and all(h.split("\t")[2].strip() for h in hypotheses)
+    assert "S-2\t<unk> <unk> ." in result.stdout
 
 
 LOGITS_SCRIPT = """

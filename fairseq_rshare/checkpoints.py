@@ -1,0 +1,40 @@
+"""Reading fairseq checkpoints safely, and failing clearly on a file that cannot be read.
+
+torch >= 2.6 loads with weights_only=True; fairseq checkpoints hold argparse.Namespace, which
+is allow-listed here (nothing else is needed, and safe loading stays on).  fairseq's own
+loader shows a truncated or corrupt file as a deep traceback from torch; wrapping it turns
+that into one line naming the file.
+"""
+import argparse
+import functools
+import pickle
+import zipfile
+
+import torch
+from fairseq import checkpoint_utils
+
+from .modules import RShareConfigError
+
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+class RShareCheckpointError(RShareConfigError):
+    """A checkpoint file that cannot be read."""
+
+
+_fairseq_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
+
+
+@functools.wraps(_fairseq_load_checkpoint_to_cpu)
+def load_checkpoint_to_cpu(path, *args, **kwargs):
+    try:
+        return _fairseq_load_checkpoint_to_cpu(path, *args, **kwargs)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        reason = str(error).strip().split(". ")[0] or type(error).__name__
+        raise RShareCheckpointError(
+            f"cannot read checkpoint {path} ({reason}): the file is truncated, corrupt or not "
+            "a fairseq checkpoint; copy or save it again"
+        ) from error
+
+
+checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
