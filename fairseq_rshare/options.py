@@ -109,6 +109,20 @@ def check_tied(tables, first, second, flag):
         )
 
 
+def check_share_all_embeddings(args, tables, src_dict, tgt_dict):
+    """Validate --share-all-embeddings (which then implies decoder input-output tying); return it."""
+    if not args.share_all_embeddings:
+        return False
+    if src_dict != tgt_dict or args.encoder_embed_dim != args.decoder_embed_dim:
+        raise RShareConfigError(
+            "--share-all-embeddings needs a joined dictionary and "
+            "--encoder-embed-dim equal to --decoder-embed-dim"
+        )
+    check_tied(tables, "encoder-input", "decoder-input", "--share-all-embeddings")
+    args.share_decoder_input_output_embed = True
+    return True
+
+
 def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
     """The decoder's random-shared output layer, or None when it stays dense."""
     tied = bool(getattr(args, "share_decoder_input_output_embed", False))

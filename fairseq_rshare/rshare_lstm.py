@@ -13,7 +13,7 @@ from .modules import RShareConfigError
 from .options import (
     add_rshare_args,
     build_rshare_embedding,
-    check_tied,
+    check_share_all_embeddings,
     reject_adaptive_softmax,
     rshare_tables,
     set_rshare_defaults,
@@ -38,14 +38,7 @@ class RShareLSTMModel(LSTMModel):
         tables = rshare_tables(args, ("encoder-input", "decoder-input", "decoder-output"))
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
 
-        if args.share_all_embeddings:
-            if src_dict != tgt_dict or args.encoder_embed_dim != args.decoder_embed_dim:
-                raise RShareConfigError(
-                    "--share-all-embeddings needs a joined dictionary and "
-                    "--encoder-embed-dim equal to --decoder-embed-dim"
-                )
-            check_tied(tables, "encoder-input", "decoder-input", "--share-all-embeddings")
-            args.share_decoder_input_output_embed = True
+        check_share_all_embeddings(args, tables, src_dict, tgt_dict)
 
         encoder_embed = decoder_embed = None
         if "encoder-input" in tables:

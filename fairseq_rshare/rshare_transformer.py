@@ -14,7 +14,7 @@ from .options import (
     add_rshare_args,
     build_rshare_embedding,
     build_rshare_output,
-    check_tied,
+    check_share_all_embeddings,
     rshare_tables,
     set_rshare_defaults,
 )
@@ -48,14 +48,7 @@ class RShareTransformerModel(TransformerModel):
             return cls.build_embedding(args, dictionary, embed_dim)
 
         encoder_embed = build_embedding(src_dict, args.encoder_embed_dim, "encoder-input")
-        if args.share_all_embeddings:
-            if src_dict != tgt_dict or args.encoder_embed_dim != args.decoder_embed_dim:
-                raise RShareConfigError(
-                    "--share-all-embeddings needs a joined dictionary and "
-                    "--encoder-embed-dim equal to --decoder-embed-dim"
-                )
-            check_tied(tables, "encoder-input", "decoder-input", "--share-all-embeddings")
-            args.share_decoder_input_output_embed = True
+        if check_share_all_embeddings(args, tables, src_dict, tgt_dict):
             decoder_embed = encoder_embed
         else:
             decoder_embed = build_embedding(tgt_dict, args.decoder_embed_dim, "decoder-input")

@@ -183,3 +183,12 @@ def test_bad_flags_fail_with_one_clear_message(flags, message, lm_data, tmp_path
     assert result.returncode != 0
     assert "fairseq_rshare: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_share_all_embeddings_with_one_dense_table_fails_clearly(nmt_data, tmp_path):
+    result = fairseq("fairseq-train", nmt_data, *COMMON, *NMT_TASK, *NMT_CASES["transformer"],
+                     "--share-all-embeddings", "--rshare-tables", "encoder-input,decoder-output",
+                     "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert result.returncode != 0
+    assert "--share-all-embeddings ties encoder-input and decoder-input" in result.stderr
+    assert "Traceback" not in result.stderr
