@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import log_softmax_of_bags
 from .mapping import POOL_KINDS, fingerprint, make_mapping
 
 
@@ -142,9 +143,10 @@ class RandomSharedOutput(nn.Module):
     """Output layer over a RandomSharedEmbedding: logit(w) = sum_k h_k . pool[mapping[w, k]].
 
     The V x H matrix is never built.  Each token's K slices h_k are scored against the pool
-    entries they can meet (a table of R rows: M for per-position pools, K*M for a global
-    pool), then ``embedding_bag`` sums each word's K scores: O(R*H/K + V*K) per token
-    instead of O(V*H).
+    entries they can meet (R scores: M for per-position pools, K*M for a global pool), then
+    each word sums its K scores: O(R*H/K + V*K) per token instead of O(V*H).  The sums and
+    the log-softmax are fused (see fused.py), so forward returns log-probabilities; they are
+    normalised logits, and fairseq's own log-softmax over them changes nothing.
     """
 
     def __init__(self, table: RandomSharedEmbedding, bias=False):
@@ -155,23 +157,38 @@ class RandomSharedOutput(nn.Module):
             bags = table.mapping
         else:
             bags = table.mapping + torch.arange(K) * M
-        self.register_buffer("bags", bags.contiguous(), persistent=False)
+        self.register_buffer("bags", bags.to(torch.int32).contiguous(), persistent=False)
         self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
 
     def forward(self, features):
         K, M = self.table.num_subvectors, self.table.pool_size
         lead = features.shape[:-1]
-        slices = features.reshape(-1, K, features.shape[-1] // K).permute(1, 2, 0)
+        slices = features.reshape(-1, K, features.shape[-1] // K).transpose(0, 1)
         if self.table.pool_kind == "position":
             pools = self.table.pool.view(K, M // K, -1)
-            scores = torch.bmm(pools, slices).reshape(M, -1)
+            scores = torch.bmm(slices, pools.transpose(1, 2))
         else:
-            scores = torch.matmul(self.table.pool, slices).reshape(K * M, -1)
-        logits = F.embedding_bag(self.bags, scores, mode="sum").t()
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits.reshape(*lead, -1)
+            scores = torch.matmul(slices, self.table.pool.t())
+        scores = scores.transpose(0, 1).reshape(slices.shape[1], -1)
+        if scores.dtype != torch.float64:
+            scores = scores.float()
+        return log_softmax_of_bags(scores, self.bags, self.bias).reshape(*lead, -1)
 
     def materialized_forward(self, features):
         """Reference computation through the dense V x H matrix (for tests)."""
-        return F.linear(features, self.table.materialized_weight(), self.bias)
+        logits = F.linear(features, self.table.materialized_weight(), self.bias)
+        return F.log_softmax(logits, dim=-1)
+
+
+class SkipRenormalizationMixin:
+    """For fairseq decoders whose output layer may be a RandomSharedOutput.
+
+    Its outputs are already log-probabilities, so in training fairseq's own log-softmax over
+    them (a full extra pass over V, forward and backward) is skipped.  In evaluation fairseq
+    renormalises as usual, since the sequence generator may rescale the outputs first.
+    """
+
+    def get_normalized_probs(self, net_output, log_probs, sample=None):
+        if self.training and log_probs and isinstance(self.output_projection, RandomSharedOutput):
+            return net_output[0]
+        return super().get_normalized_probs(net_output, log_probs, sample)

@@ -4,6 +4,7 @@ from fairseq.models.lstm import LSTMDecoder
 from fairseq.models.lstm_lm import DEFAULT_MAX_TARGET_POSITIONS, LSTMLanguageModel
 from fairseq.models.lstm_lm import base_architecture as lstm_lm_base_architecture
 
+from .modules import SkipRenormalizationMixin
 from .options import (
     add_rshare_args,
     build_rshare_embedding,
@@ -14,7 +15,7 @@ from .options import (
 )
 
 
-class RShareLSTMDecoder(LSTMDecoder):
+class RShareLSTMDecoder(SkipRenormalizationMixin, LSTMDecoder):
     """LSTMDecoder whose output layer may be given (a RandomSharedOutput) instead of built dense."""
 
     def __init__(self, output_projection=None, share_input_output_embed=False, **kwargs):

@@ -3,13 +3,13 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
     DEFAULT_MAX_SOURCE_POSITIONS,
     DEFAULT_MAX_TARGET_POSITIONS,
-    TransformerDecoder,
     TransformerModel,
     base_architecture,
     transformer_iwslt_de_en,
 )
 
 from .modules import RShareConfigError
+from .rshare_transformer_decoder import RShareTransformerDecoder
 from .options import (
     add_rshare_args,
     build_rshare_embedding,
@@ -56,7 +56,7 @@ class RShareTransformerModel(TransformerModel):
             args, tgt_dict, args.decoder_output_dim, tables, decoder_embed
         )
         encoder = cls.build_encoder(args, src_dict, encoder_embed)
-        decoder = TransformerDecoder(
+        decoder = RShareTransformerDecoder(
             args,
             tgt_dict,
             decoder_embed,

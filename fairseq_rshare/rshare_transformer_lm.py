@@ -2,13 +2,14 @@
 from dataclasses import dataclass
 
 from fairseq.models import register_model
-from fairseq.models.transformer import DEFAULT_MAX_TARGET_POSITIONS, TransformerDecoder
+from fairseq.models.transformer import DEFAULT_MAX_TARGET_POSITIONS
 from fairseq.models.transformer_lm import (
     TransformerLanguageModel,
     TransformerLanguageModelConfig,
 )
 
 from .modules import RShareConfigError
+from .rshare_transformer_decoder import RShareTransformerDecoder
 from .options import (
     RShareConfig,
     build_rshare_embedding,
@@ -47,7 +48,7 @@ class RShareTransformerLanguageModel(TransformerLanguageModel):
         output = build_rshare_output(
             args, task.target_dictionary, args.decoder_output_dim, tables, embed_tokens
         )
-        decoder = TransformerDecoder(
+        decoder = RShareTransformerDecoder(
             args,
             task.target_dictionary,
             embed_tokens,

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
+from fairseq_rshare.fused import extension, log_softmax_of_bags, stock_log_softmax_of_bags
 from fairseq_rshare.mapping import fingerprint, make_mapping
 
 GOLDEN_FINGERPRINTS = {
@@ -64,14 +65,14 @@ def test_output_logits_equal_materialized_matrix(kind, bias):
     weight = torch.stack(
         [torch.cat([output.table.pool[j] for j in row]) for row in output.table.mapping.tolist()]
     )
-    expected = features @ weight.t() + (output.bias if bias else 0)
+    expected = torch.log_softmax(features @ weight.t() + (output.bias if bias else 0), dim=-1)
     assert torch.allclose(output(features), expected, atol=1e-5, rtol=0)
     assert torch.allclose(output.materialized_forward(features), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["position", "global"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_output_gradients_pass_gradcheck(kind, bias):
+def test_output_gradients_pass_gradcheck(kind, bias):  # float64: the stock-ops path
     output = make_output(kind=kind, bias=bias)
     features = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     pool = output.table.pool.detach().clone().requires_grad_()
@@ -92,10 +93,27 @@ def test_output_gradients_equal_materialized_gradients(kind):
     grads = []
     for forward in (output, output.materialized_forward):
         output.zero_grad()
-        F.cross_entropy(forward(features), targets).backward()
+        F.nll_loss(forward(features), targets).backward()
         grads.append((output.table.pool.grad.clone(), output.bias.grad.clone()))
     for fast, reference in zip(*grads):
         assert torch.allclose(fast, reference, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["position", "global"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_kernel_matches_stock_ops_in_float32(kind, bias):
+    assert extension() is not None, "the fused kernel did not compile"
+    output = make_output(V=3001, H=64, K=8, M=400, kind=kind, bias=bias).float()
+    columns = int(output.bags.max()) + 1
+    scores = torch.randn(37, columns, requires_grad=True)
+    targets = torch.randint(3001, (37,))
+    results = []
+    for compute in (log_softmax_of_bags, stock_log_softmax_of_bags):
+        lprobs = compute(scores, output.bags, output.bias)
+        params = [scores] + ([output.bias] if bias else [])
+        results.append((lprobs, *torch.autograd.grad(F.nll_loss(lprobs, targets), params)))
+    for fused, stock in zip(*results):
+        assert torch.allclose(fused, stock, atol=2e-5, rtol=1e-5)
 
 
 def test_embedding_concatenates_pool_rows_and_zeroes_padding():

@@ -1,0 +1,132 @@
+"""Speed and peak memory of the rshare output layer and input embedding against dense ones.
+
+    python benchmarks/bench_layers.py                 # the full grid, ~15 min on 2 cores
+    python benchmarks/bench_layers.py --smoke         # tiny sizes, seconds (what CI runs)
+
+Every (layer, V, H) case runs dense and rshare in turn inside one fresh process per variant
+(so that peak RSS belongs to that variant alone), repeated; the figures are medians and the
+ratio is dense/rshare from the same run.  Writes benchmarks/results/layers.json and .md.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def build(layer, variant, V, H, K, ratio):
+    from fairseq_rshare.modules import RandomSharedEmbedding, RandomSharedOutput
+
+    if variant == "dense":
+        if layer == "output":
+            return torch.nn.Linear(H, V, bias=False)
+        return torch.nn.Embedding(V, H, padding_idx=1)
+    table = RandomSharedEmbedding(V, H, 1, K, max(2 * K, round(ratio * V) * K))
+    return RandomSharedOutput(table) if layer == "output" else table
+
+
+def measure(layer, variant, V, H, K, ratio, tokens, repeats):
+    """Median seconds of forward+backward (with cross-entropy for the output layer)."""
+    torch.manual_seed(0)
+    module = build(layer, variant, V, H, K, ratio)
+    targets = torch.randint(V, (tokens,))
+    features = torch.randn(tokens, H, requires_grad=True)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        if layer == "output":
+            F.cross_entropy(module(features), targets).backward()
+        else:
+            module(targets).sum().backward()
+        times.append(time.perf_counter() - start)
+        module.zero_grad(set_to_none=True)
+    return {
+        "seconds": statistics.median(times[1:]),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "params": sum(p.numel() for p in module.parameters()),
+    }
+
+
+def run_case(layer, variant, V, H, K, ratio, tokens, repeats):
+    """Run one measurement in a fresh process; return its result dict."""
+    output = subprocess.run(
+        [sys.executable, __file__, "--one", json.dumps([layer, variant, V, H, K, ratio, tokens, repeats])],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def grid(smoke):
+    if smoke:
+        return [("output", 2000, 64), ("input", 2000, 64)], 64, 2
+    cases = [("output", V, H) for H in (512, 1024) for V in (10_000, 33_000, 100_000, 800_000)]
+    cases += [("input", V, 512) for V in (10_000, 100_000, 800_000)]
+    return cases, 512, 3
+
+
+def markdown(rows, meta):
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}, torch {meta['torch']}, "
+        f"{meta['threads']} threads; K={meta['K']}, rshare table {meta['ratio']:.0%} of dense, "
+        f"{meta['tokens']} tokens a batch, median of {meta['repeats']}.",
+        "",
+        "| layer | V | H | dense ms | rshare ms | speed-up | dense peak RSS MB | rshare peak RSS MB | params dense / rshare |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d, s = r["dense"], r["rshare"]
+        lines.append(
+            f"| {r['layer']} | {r['V']:,} | {r['H']} | {d['seconds'] * 1e3:.1f} | {s['seconds'] * 1e3:.1f} "
+            f"| {d['seconds'] / s['seconds']:.2f}× | {d['peak_rss_mb']:.0f} | {s['peak_rss_mb']:.0f} "
+            f"| {d['params'] / s['params']:.0f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
+    parser.add_argument("--subvectors", type=int, default=8)
+    parser.add_argument("--ratio", type=float, default=0.01, help="rshare table size / dense")
+    parser.add_argument("--out", default=RESULTS, help="folder for layers.json and layers.md")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(*json.loads(args.one))))
+        return
+
+    cases, tokens, repeats = grid(args.smoke)
+    rows = []
+    for layer, V, H in cases:
+        row = {"layer": layer, "V": V, "H": H}
+        for variant in ("dense", "rshare"):
+            row[variant] = run_case(layer, variant, V, H, args.subvectors, args.ratio, tokens, repeats)
+        print(f"{layer} V={V} H={H}: dense {row['dense']['seconds'] * 1e3:.1f} ms, rshare "
+              f"{row['rshare']['seconds'] * 1e3:.1f} ms ({row['dense']['seconds'] / row['rshare']['seconds']:.2f}×)",
+              flush=True)
+        rows.append(row)
+    meta = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "K": args.subvectors,
+        "ratio": args.ratio, "tokens": tokens, "repeats": repeats,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "layers.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    table = markdown(rows, meta)
+    with open(os.path.join(args.out, "layers.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
