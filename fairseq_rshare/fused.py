@@ -132,7 +132,9 @@ def log_softmax_of_bags(scores, bags, bias=None):
     ``bags`` is the (V, K) int32 table of score columns.
     """
     if scores.dtype == torch.float32 and scores.device.type == "cpu" and extension() is not None:
-        return FusedLogSoftmaxOfBags.apply(scores.contiguous(), bags, bias)
+        return FusedLogSoftmaxOfBags.apply(
+            scores.contiguous(), bags, bias.float() if bias is not None else None
+        )
     return stock_log_softmax_of_bags(scores, bags, bias)
 
 
