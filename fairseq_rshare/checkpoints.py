@@ -38,3 +38,20 @@ def load_checkpoint_to_cpu(path, *args, **kwargs):
 
 
 checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+def parameters_by_component(checkpoint):
+    """Trainable parameters of the model in `checkpoint`: input tables, output layer, the rest.
+
+    Tied tables count once (named_parameters yields a shared tensor once, as the input).
+    """
+    [model], _ = checkpoint_utils.load_model_ensemble([checkpoint])
+    counts = {"input": 0, "output": 0, "body": 0}
+    for name, parameter in model.named_parameters():
+        if "embed_tokens" in name:
+            counts["input"] += parameter.numel()
+        elif "output_projection" in name or "fc_out" in name:
+            counts["output"] += parameter.numel()
+        else:
+            counts["body"] += parameter.numel()
+    return counts

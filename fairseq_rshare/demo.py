@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from .checkpoints import parameters_by_component
+
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
 SPLITS = ("train", "valid", "test")
 
@@ -73,23 +75,6 @@ def run(command, log_path, prefix=None):
         tail = "".join(lines[-15:])
         sys.exit(f"fairseq-rshare-demo: {command[0]} failed (log: {log_path}):\n{tail}")
     return "".join(lines)
-
-
-def parameters_by_component(checkpoint):
-    """Trainable parameters of the model in `checkpoint`: input table, output layer, the rest."""
-    import fairseq_rshare  # noqa: F401  (registers the archs)
-    from fairseq import checkpoint_utils
-
-    [model], _ = checkpoint_utils.load_model_ensemble([checkpoint])
-    counts = {"input": 0, "output": 0, "body": 0}
-    for name, parameter in model.named_parameters():
-        if "embed_tokens" in name:
-            counts["input"] += parameter.numel()
-        elif "output_projection" in name or "fc_out" in name:
-            counts["output"] += parameter.numel()
-        else:
-            counts["body"] += parameter.numel()
-    return counts
 
 
 def train_and_evaluate(name, model_flags, data_bin, work_dir, minutes, hidden):

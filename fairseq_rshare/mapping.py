@@ -29,25 +29,34 @@ def _sort_keys(seed, count):
     return _splitmix64(np.arange(count, dtype=np.uint64) ^ stream)
 
 
-def make_mapping(num_words, num_subvectors, pool_size, pool_kind="position", seed=1):
+def make_mapping(num_words, num_subvectors, pool_size, pool_kind="position", seed=1, frequent_words=0):
     """Return the (V, K) int64 table of pool entries, balanced to within one use.
 
     position: column k holds entries k*M/K ... (k+1)*M/K - 1 only, each used
         floor or ceil of V*K/M times.
     global: any entry at any position, each used floor or ceil of V*K/M times.
     As in the paper, a list holding every entry equally often is shuffled.
+
+    frequent_words F > 0 is the frequency-aware variant (not the paper's): words 0 .. F-1
+    (fairseq dictionaries put the most frequent words first) get private entries, F per
+    position or F*K in the global pool, and the other words share the remaining entries,
+    balanced as above.  F = 0 is the paper's method.
     """
     if pool_kind not in POOL_KINDS:
         raise ValueError(f"pool kind must be one of {POOL_KINDS}, got {pool_kind!r}")
-    V, K, M = num_words, num_subvectors, pool_size
-    keys = _sort_keys(seed, V * K).reshape(V, K)
+    V, K, M, F = num_words, num_subvectors, pool_size, frequent_words
+    keys = _sort_keys(seed, (V - F) * K).reshape(V - F, K)
     if pool_kind == "global":
-        balanced = np.arange(V * K, dtype=np.int64) % M
-        return balanced[np.argsort(keys.reshape(-1), kind="stable")].reshape(V, K)
+        private = np.arange(F * K, dtype=np.int64).reshape(F, K)
+        balanced = F * K + np.arange((V - F) * K, dtype=np.int64) % (M - F * K)
+        shared = balanced[np.argsort(keys.reshape(-1), kind="stable")].reshape(V - F, K)
+        return np.concatenate([private, shared])
     per_position = M // K
-    balanced = np.arange(V, dtype=np.int64) % per_position
+    offsets = np.arange(K, dtype=np.int64) * per_position
+    private = np.arange(F, dtype=np.int64)[:, None] + offsets
+    balanced = F + np.arange(V - F, dtype=np.int64) % (per_position - F)
     order = np.argsort(keys, axis=0, kind="stable")
-    return balanced[order] + np.arange(K, dtype=np.int64) * per_position
+    return np.concatenate([private, balanced[order] + offsets])
 
 
 def fingerprint(mapping):

@@ -15,9 +15,9 @@ class RShareConfigError(ValueError):
     """A bad rshare setting or checkpoint; fairseq_rshare prints its message without a traceback."""
 
 
-def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind):
+def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind, frequent_words=0):
     """Raise RShareConfigError naming the flag to change when the table cannot be built."""
-    V, H, K, M = num_words, embed_dim, num_subvectors, pool_size
+    V, H, K, M, F = num_words, embed_dim, num_subvectors, pool_size, frequent_words
     if K <= 0:
         raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
     if M <= 0:
@@ -57,6 +57,13 @@ def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind
             f"--rshare-pool-size {M} gives no compression for a vocabulary of {V} words "
             f"with {K} sub-vectors: use fewer than {V * K} entries (or a dense table)"
         )
+    if F < 0:
+        raise RShareConfigError(f"--rshare-frequent-words must be 0 or more, got {F}")
+    if F and M - F * K < 2 * K:
+        raise RShareConfigError(
+            f"--rshare-frequent-words {F} leaves fewer than 2 shared entries per position in a "
+            f"pool of {M}: use at most {M // K - 2} (or a larger pool)"
+        )
 
 
 def check_same_on_all_ranks(fingerprint):
@@ -89,9 +96,12 @@ class RandomSharedEmbedding(nn.Module):
         pool_size,
         pool_kind="position",
         seed=1,
+        frequent_words=0,
     ):
         super().__init__()
-        check_table_shape(num_embeddings, embedding_dim, num_subvectors, pool_size, pool_kind)
+        check_table_shape(
+            num_embeddings, embedding_dim, num_subvectors, pool_size, pool_kind, frequent_words
+        )
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
@@ -99,7 +109,10 @@ class RandomSharedEmbedding(nn.Module):
         self.pool_size = pool_size
         self.pool_kind = pool_kind
         self.seed = seed
-        mapping = make_mapping(num_embeddings, num_subvectors, pool_size, pool_kind, seed)
+        self.frequent_words = frequent_words
+        mapping = make_mapping(
+            num_embeddings, num_subvectors, pool_size, pool_kind, seed, frequent_words
+        )
         self.fingerprint = fingerprint(mapping)
         check_same_on_all_ranks(self.fingerprint)
         self.register_buffer("mapping", torch.from_numpy(mapping), persistent=False)
@@ -126,7 +139,7 @@ class RandomSharedEmbedding(nn.Module):
                 f"checkpoint table '{prefix.rstrip('.')}' was trained with mapping fingerprint "
                 f"{int(stored):015x}, but these settings (V={self.num_embeddings}, "
                 f"K={self.num_subvectors}, M={self.pool_size}, pool kind={self.pool_kind}, "
-                f"seed={self.seed}) regenerate {self.fingerprint}: load it with the settings it "
+                f"seed={self.seed}, frequent words={self.frequent_words}) regenerate {self.fingerprint}: load it with the settings it "
                 "was trained with (do not override --rshare-* flags)"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -135,6 +148,7 @@ class RandomSharedEmbedding(nn.Module):
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, K={self.num_subvectors}, "
             f"pool={self.pool_size} ({self.pool_kind}), seed={self.seed}, "
+            f"frequent_words={self.frequent_words}, "
             f"fingerprint={self.fingerprint}"
         )
 

@@ -37,6 +37,10 @@ class RShareConfig(FairseqDataclass):
         default="all",
         metadata={"help": "comma-separated tables to random-share, from encoder-input, decoder-input, decoder-output; or all, or none (a dense baseline)"},
     )
+    rshare_frequent_words: int = field(
+        default=0,
+        metadata={"help": "frequency-aware variant (not the paper's; 0 = off): the F most frequent words get private sub-vectors, the rest share the remainder of the same pool"},
+    )
     rshare_output_bias: bool = field(
         default=False, metadata={"help": "add a per-word bias to the random-shared output layer"}
     )
@@ -97,6 +101,7 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
         pool_size=pool_size_for(args, len(dictionary)),
         pool_kind=str(args.rshare_pool_kind),
         seed=args.rshare_seed + SEED_OFFSETS[table],
+        frequent_words=args.rshare_frequent_words,
     )
 
 

@@ -42,6 +42,19 @@ def test_position_pools_are_balanced_and_private(V, K, M):
         assert np.all(np.abs(counts - V / per_position) <= 1)
 
 
+@pytest.mark.parametrize("kind", ["position", "global"])
+def test_frequent_words_get_private_entries_and_the_rest_stay_balanced(kind):
+    V, K, M, F = 1000, 4, 400, 60
+    mapping = make_mapping(V, K, M, kind, seed=3, frequent_words=F)
+    private, shared = mapping[:F], mapping[F:]
+    assert len(np.unique(private)) == F * K
+    assert not np.isin(shared, private).any()
+    counts = np.bincount(shared.ravel(), minlength=M)[np.setdiff1d(np.arange(M), private)]
+    assert np.all(np.abs(counts - (V - F) * K / (M - F * K)) <= 1)
+    if kind == "position":
+        assert np.array_equal(mapping // (M // K), np.broadcast_to(np.arange(K), (V, K)))
+
+
 def test_mapping_depends_on_seed_and_is_repeatable():
     first = make_mapping(500, 4, 200, "position", seed=1)
     assert np.array_equal(first, make_mapping(500, 4, 200, "position", seed=1))
@@ -163,6 +176,15 @@ def test_parameter_count_is_pool_plus_bias(bias):
 def test_invalid_tables_name_the_flag(V, H, K, M, kind, message):
     with pytest.raises(RShareConfigError, match=message):
         RandomSharedEmbedding(V, H, 1, K, M, pool_kind=kind)
+
+
+@pytest.mark.parametrize(
+    "frequent_words,message",
+    [(-1, "must be 0 or more"), (9, "use at most 8"), (100, "use at most 8")],
+)
+def test_invalid_frequent_words_name_the_flag(frequent_words, message):
+    with pytest.raises(RShareConfigError, match=f"--rshare-frequent-words.*{message}"):
+        RandomSharedEmbedding(100, 16, 1, 4, 40, frequent_words=frequent_words)
 
 
 def test_loading_weights_of_another_mapping_is_an_error():
