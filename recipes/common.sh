@@ -1,0 +1,33 @@
+# Shared by lm.sh and translation.sh (sourced): messages, tool checks and the variant names.
+
+die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
+step() { echo "==> $*"; }
+
+require_tools() {
+  local tool
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null \
+      || die "$tool not found: pip install torch==2.13.0 -e \".[test]\" (in this repository)"
+  done
+}
+
+# variant_flags NAME WORDS: the --rshare-* flags of a run; WORDS is the dictionary size (for
+# -freq). INPUT_TABLES lists the model's input tables, empty when they are tied to the output.
+variant_flags() {
+  local name=$1 words=$2 prefix ratio mode
+  if [ "$name" = dense ]; then echo "--rshare-tables none"; return; fi
+  IFS=- read -r prefix ratio mode <<<"$name"
+  [ "$prefix" = rshare ] && [[ $ratio =~ ^0?\.[0-9]+$ ]] \
+    || die "variant '$name': use dense, rshare-R, rshare-R-input or rshare-R-freq (0 < R < 1)"
+  case ${mode:-} in
+    "") echo "--rshare-ratio $ratio" ;;
+    input)
+      [ -n "$INPUT_TABLES" ] || die "variant '$name': -input needs untied tables (this recipe ties them all)"
+      echo "--rshare-ratio $ratio --rshare-tables $INPUT_TABLES" ;;
+    freq) echo "--rshare-ratio $ratio --rshare-frequent-words $(awk "BEGIN { print int($ratio * $words / 2) }")" ;;
+    *) die "variant '$name': unknown suffix '$mode' (use -input or -freq)" ;;
+  esac
+}
+
+# dictionary_size DICT: fairseq's vocabulary size for a dict.txt (its words + 4 special symbols).
+dictionary_size() { echo $(( $(wc -l <"$1") + 4 )); }

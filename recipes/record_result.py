@@ -1,0 +1,144 @@
+"""Write one run's results JSON from its fairseq logs and checkpoint (called by the recipes).
+
+The JSON is written to a temporary file and renamed, so a run that fails on the way never
+leaves a file that looks complete.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fairseq_rshare.checkpoints import parameters_by_component  # noqa: E402
+
+
+def fail(message):
+    sys.exit(f"record_result: error: {message}")
+
+
+def last_match(pattern, text, what, path):
+    found = re.findall(pattern, text)
+    if not found:
+        fail(f"{path} has no {what}: did that step finish? (see the log)")
+    return found[-1]
+
+
+def number(text):
+    return float(text.replace(",", ""))
+
+
+def training_speed(train_log):
+    """Words/s over the whole run: fairseq's per-epoch wps, weighted by each epoch's words."""
+    with open(train_log) as f:
+        text = f.read()
+    epochs = re.findall(r"\| train \| epoch \d+ \|.*?\| wps ([\d.]+) \|.*?\| wpb ([\d.]+) \|.*?\| num_updates (\d+)", text)
+    if not epochs:
+        fail(f"{train_log} has no end-of-epoch training line: did training finish? (see the log)")
+    words, seconds, previous_updates = 0.0, 0.0, 0
+    for wps, wpb, updates in epochs:
+        epoch_words = float(wpb) * (int(updates) - previous_updates)
+        words += epoch_words
+        seconds += epoch_words / float(wps)
+        previous_updates = int(updates)
+    return {"words_per_second": round(words / seconds, 1), "updates": previous_updates}
+
+
+def perplexity(eval_log):
+    with open(eval_log) as f:
+        text = f.read()
+    return {
+        "test_ppl": number(last_match(r"Perplexity: ([\d.,]+)", text, "perplexity", eval_log)),
+        "eval_tokens_per_second": number(
+            last_match(r"\(([\d.,]+) tokens/s\)", text, "evaluation speed", eval_log)
+        ),
+    }
+
+
+def bleu(generate_log, sacrebleu_json):
+    with open(generate_log) as f:
+        text = f.read()
+    with open(sacrebleu_json) as f:
+        try:
+            score = json.load(f)
+        except json.JSONDecodeError:
+            fail(f"{sacrebleu_json} is not sacrebleu's JSON output")
+    return {
+        "test_bleu": score["score"],
+        "sacrebleu_signature": score["signature"],
+        "generate_sentences_per_second": number(
+            last_match(r"\(([\d.,]+) sentences/s", text, "generation speed", generate_log)
+        ),
+    }
+
+
+def git_revision():
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)), check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="the results JSON to write")
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--train-log", required=True)
+    parser.add_argument("--train-seconds", type=float, required=True)
+    parser.add_argument("--command-file", required=True, help="file holding the fairseq-train command")
+    parser.add_argument("--eval-log", help="fairseq-eval-lm log (language models)")
+    parser.add_argument("--generate-log", help="fairseq-generate log (translation)")
+    parser.add_argument("--sacrebleu-json", help="sacrebleu's JSON output (translation)")
+    args = parser.parse_args(argv)
+    for path in (args.checkpoint, args.train_log, args.command_file, args.eval_log,
+                 args.generate_log, args.sacrebleu_json):
+        if path is not None and not os.path.isfile(path):
+            fail(f"{path} does not exist: did the step that writes it finish?")
+
+    if args.eval_log:
+        metric = perplexity(args.eval_log)
+    elif args.generate_log and args.sacrebleu_json:
+        metric = bleu(args.generate_log, args.sacrebleu_json)
+    else:
+        fail("give --eval-log, or --generate-log and --sacrebleu-json")
+    params = parameters_by_component(args.checkpoint)
+    with open(args.command_file) as f:
+        command = f.read().strip()
+    result = {
+        "corpus": args.corpus,
+        "preset": args.preset,
+        "variant": args.variant,
+        **metric,
+        "params": params,
+        "embedding_softmax_params": params["input"] + params["output"],
+        "checkpoint_bytes": os.path.getsize(args.checkpoint),
+        "train_seconds": round(args.train_seconds, 1),
+        **training_speed(args.train_log),
+        "command": command,
+        "git_revision": git_revision(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    }
+    temporary = args.out + ".partial"
+    with open(temporary, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    os.replace(temporary, args.out)
+    print(f"wrote {args.out}: " + ", ".join(
+        f"{key} {result[key]}" for key in ("test_ppl", "test_bleu", "embedding_softmax_params",
+                                           "words_per_second") if key in result))
+
+
+if __name__ == "__main__":
+    main()

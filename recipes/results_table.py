@@ -1,0 +1,109 @@
+"""Turn the recipes' results JSONs into one markdown table and a PNG plot.
+
+Each (corpus, preset) group is compared with its dense run: the table gives every run's
+embedding+softmax parameters as a fraction of dense and its metric's change from dense; the
+plot shows perplexity or BLEU against embedding+softmax parameters, one panel per group.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+METRICS = {"test_ppl": "test ppl", "test_bleu": "test BLEU"}
+
+
+def load(paths):
+    results = []
+    for path in paths:
+        files = sorted(glob.glob(os.path.join(path, "*.json"))) if os.path.isdir(path) else [path]
+        for file in files:
+            with open(file) as f:
+                try:
+                    results.append(json.load(f))
+                except json.JSONDecodeError as error:
+                    sys.exit(f"results_table: error: {file} is not valid JSON ({error})")
+    if not results:
+        sys.exit("results_table: error: no results JSON found in " + ", ".join(paths))
+    return results
+
+
+def metric_of(result):
+    return next(key for key in METRICS if key in result)
+
+
+def groups(results):
+    grouped = {}
+    for result in results:
+        grouped.setdefault((result["corpus"], result["preset"]), []).append(result)
+    for runs in grouped.values():
+        runs.sort(key=lambda r: (r["variant"] != "dense", -r["embedding_softmax_params"], r["variant"]))
+    return grouped
+
+
+def markdown(results):
+    lines = [
+        "| corpus | preset | run | metric | value | vs dense | emb+softmax params | of dense "
+        "| other params | checkpoint MB | train words/s | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (corpus, preset), runs in groups(results).items():
+        dense = next((r for r in runs if r["variant"] == "dense"), None)
+        for run in runs:
+            metric = metric_of(run)
+            change = fraction = "–"
+            if dense is not None and metric in dense:
+                change = f"{run[metric] - dense[metric]:+.2f}" if metric == "test_bleu" else \
+                    f"{100 * (run[metric] / dense[metric] - 1):+.1f} %"
+                fraction = f"{100 * run['embedding_softmax_params'] / dense['embedding_softmax_params']:.1f} %"
+            lines.append(
+                f"| {corpus} | {preset} | {run['variant']} | {METRICS[metric]} | {run[metric]:.2f} "
+                f"| {change} | {run['embedding_softmax_params']:,} | {fraction} "
+                f"| {run['params']['body']:,} | {run['checkpoint_bytes'] / 1e6:.1f} "
+                f"| {run['words_per_second']:,.0f} | {run['train_seconds'] / 60:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grouped = groups(results)
+    figure, axes = plt.subplots(1, len(grouped), figsize=(4.5 * len(grouped), 3.8), squeeze=False)
+    for axis, ((corpus, preset), runs) in zip(axes[0], grouped.items()):
+        metric = metric_of(runs[0])
+        for run in runs:
+            dense = run["variant"] == "dense"
+            axis.scatter(run["embedding_softmax_params"], run[metric], marker="s" if dense else "o",
+                         color="black" if dense else "tab:blue")
+            axis.annotate(run["variant"], (run["embedding_softmax_params"], run[metric]),
+                          textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.set_xscale("log")
+        axis.set_xlabel("embedding + softmax parameters")
+        axis.set_ylabel(METRICS[metric])
+        axis.set_title(f"{corpus} ({preset} preset)")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("results", nargs="+", help="results JSON files or folders holding them")
+    parser.add_argument("--markdown", default="results.md", help="markdown table to write")
+    parser.add_argument("--plot", default="results.png", help="PNG plot to write")
+    args = parser.parse_args(argv)
+    results = load(args.results)
+    table = markdown(results)
+    with open(args.markdown, "w") as f:
+        f.write(table)
+    plot(results, args.plot)
+    print(table)
+    print(f"wrote {args.markdown} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

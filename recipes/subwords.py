@@ -1,0 +1,34 @@
+"""Sentencepiece subwords for the translation recipes: train a joint model, encode a file."""
+import argparse
+import sys
+
+import sentencepiece as spm
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a joint BPE model on the given text files")
+    train.add_argument("--model-prefix", required=True)
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("inputs", nargs="+")
+    encode = commands.add_parser("encode", help="encode a text file into subword pieces")
+    encode.add_argument("--model", required=True)
+    encode.add_argument("input")
+    encode.add_argument("output")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        spm.SentencePieceTrainer.train(
+            input=",".join(args.inputs), model_prefix=args.model_prefix, vocab_size=args.vocab_size,
+            model_type="bpe", character_coverage=1.0, input_sentence_size=2_000_000,
+            shuffle_input_sentence=True, minloglevel=2,
+        )
+        return
+    model = spm.SentencePieceProcessor(model_file=args.model)
+    with open(args.input, encoding="utf-8") as source, open(args.output, "w", encoding="utf-8") as out:
+        for line in source:
+            out.write(" ".join(model.encode(line.strip(), out_type=str)) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

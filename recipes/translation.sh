@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# German->English BLEU on Multi30k or IWSLT14: a dense transformer beside rshare ones.
+# Steps: prepare (text splits, sentencepiece subwords, fairseq-preprocess with a joined
+# dictionary), train (fairseq-train, --share-all-embeddings), evaluate (fairseq-generate with
+# beam search on test, detokenised output scored by sacrebleu, signature printed), then one
+# results JSON per run in $WORK/results (recipes/results_table.py tabulates).
+#
+# Variables (environment), defaults in brackets:
+#   CORPUS    multi30k | iwslt14                                            [multi30k]
+#   DATA      multi30k: folder with train, val, test2016 .de/.en (raw text) [../shared/data/multi30k]
+#             iwslt14: the extracted de-en folder of the IWSLT14 archive (train.tags.de-en.*,
+#             IWSLT14.*.xml); unset, it is downloaded from $IWSLT14_URL into $WORK/orig
+#   IWSLT14_URL                       [http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz]
+#   SRC, TGT  source and target language                                    [de, en]
+#   PRESET    cpu   : a small transformer (3+3 layers of 256), tens of minutes on 2 cores
+#             gpu   : transformer_iwslt_de_en (fairseq's IWSLT14 setup), 50 epochs
+#             smoke : a tiny transformer, 200 updates (what CI runs)         [cpu]
+#   VARIANTS  space-separated runs                                          [dense rshare-0.1]
+#               dense          fairseq's dense table (same code, --rshare-tables none)
+#               rshare-R       the one shared table random-shared at ratio R of dense
+#               rshare-R-freq  frequency aware: the R*V/2 most frequent subwords keep private
+#                              sub-vectors, the rest share the other half
+#   VOCAB     joint sentencepiece vocabulary size              [8000; gpu 10000; smoke 2000]
+#   BEAM      beam size                                                     [5]
+#   WORK      output folder                                   [work/translation-$CORPUS-$PRESET]
+#   STEPS     any of: prepare train evaluate                                [prepare train evaluate]
+#   EXTRA     extra fairseq-train flags, e.g. "--max-update 50"             []
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+CORPUS=${CORPUS:-multi30k}
+SRC=${SRC:-de}
+TGT=${TGT:-en}
+PRESET=${PRESET:-cpu}
+WORK=${WORK:-work/translation-$CORPUS-$PRESET}
+STEPS=${STEPS:-prepare train evaluate}
+VARIANTS=${VARIANTS:-dense rshare-0.1}
+BEAM=${BEAM:-5}
+EXTRA=${EXTRA:-}
+IWSLT14_URL=${IWSLT14_URL:-http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz}
+
+source "$HERE/common.sh"
+INPUT_TABLES=
+
+case $CORPUS in
+  multi30k) DATA=${DATA:-$HERE/../../shared/data/multi30k} ;;
+  iwslt14) DATA=${DATA:-} ;;
+  *) die "CORPUS=$CORPUS: use multi30k or iwslt14" ;;
+esac
+case $PRESET in
+  cpu)
+    MODEL="--arch rshare_transformer --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256
+           --decoder-embed-dim 256 --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024
+           --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.3"
+    SCHEDULE="--lr 0.001 --warmup-updates 400 --max-tokens 4096 --max-epoch 10"
+    VOCAB=${VOCAB:-8000} ;;
+  gpu)
+    MODEL="--arch rshare_transformer_iwslt_de_en --dropout 0.3"
+    SCHEDULE="--lr 0.0005 --warmup-updates 4000 --max-tokens 4096 --max-epoch 50"
+    VOCAB=${VOCAB:-10000} ;;
+  smoke)
+    MODEL="--arch rshare_transformer --encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 128
+           --decoder-embed-dim 128 --encoder-ffn-embed-dim 256 --decoder-ffn-embed-dim 256
+           --encoder-attention-heads 2 --decoder-attention-heads 2 --dropout 0.0"
+    SCHEDULE="--lr 0.005 --warmup-updates 50 --max-tokens 4096 --max-update 200"
+    VOCAB=${VOCAB:-2000} ;;
+  *) die "PRESET=$PRESET: use cpu, gpu or smoke" ;;
+esac
+TRAINING="--share-all-embeddings --criterion label_smoothed_cross_entropy --label-smoothing 0.1
+          --optimizer adam --adam-betas (0.9,0.98) --lr-scheduler inverse_sqrt --weight-decay 0.0001
+          --clip-norm 0.0"
+# fairseq 0.12 silently drops a last batch whose size is not a multiple of 8 (fairseq #5036).
+COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1"
+[ "$PRESET" = gpu ] || COMMON="$COMMON --cpu"
+
+require_tools fairseq-preprocess fairseq-train fairseq-generate sacrebleu python3
+for variant in $VARIANTS; do variant_flags "$variant" 0 >/dev/null; done
+
+prepare_text() {
+  local text=$WORK/text
+  rm -rf "$text"
+  mkdir -p "$text"
+  if [ "$CORPUS" = multi30k ]; then
+    [ -d "$DATA" ] || die "DATA=$DATA is not a folder: point DATA at the Multi30k text (train, val, test2016 .$SRC/.$TGT)"
+    for pair in train:train val:valid test2016:test; do
+      for lang in "$SRC" "$TGT"; do
+        [ -s "$DATA/${pair%%:*}.$lang" ] || die "DATA=$DATA has no ${pair%%:*}.$lang: check DATA and the language pair SRC=$SRC TGT=$TGT"
+        cp "$DATA/${pair%%:*}.$lang" "$text/${pair##*:}.$lang"
+      done
+      [ "$(wc -l <"$text/${pair##*:}.$SRC")" = "$(wc -l <"$text/${pair##*:}.$TGT")" ] \
+        || die "$DATA/${pair%%:*}.$SRC and .$TGT differ in length: the files are not parallel"
+    done
+    return
+  fi
+  local orig=$DATA
+  if [ -z "$orig" ]; then
+    orig=$WORK/orig/$SRC-$TGT
+    if [ ! -d "$orig" ]; then
+      step "download $IWSLT14_URL"
+      command -v curl >/dev/null || die "curl not found: install it, or set DATA to a local copy"
+      mkdir -p "$WORK/orig"
+      curl -fsSL "$IWSLT14_URL" -o "$WORK/orig/archive.tgz" || die "cannot download $IWSLT14_URL: set DATA to a local copy"
+      tar -xzf "$WORK/orig/archive.tgz" -C "$WORK/orig" || die "$WORK/orig/archive.tgz is not a valid archive: delete it and retry"
+    fi
+  fi
+  python3 "$HERE/prepare_iwslt14.py" "$orig" "$text" --source-lang "$SRC" --target-lang "$TGT"
+}
+
+if [[ " $STEPS " == *" prepare "* ]]; then
+  step "prepare $CORPUS text ($SRC->$TGT) in $WORK/text"
+  prepare_text
+  step "sentencepiece: joint BPE vocabulary of $VOCAB, encode every split"
+  mkdir -p "$WORK/subwords"
+  python3 "$HERE/subwords.py" train --model-prefix "$WORK/subwords/spm" --vocab-size "$VOCAB" \
+    "$WORK/text/train.$SRC" "$WORK/text/train.$TGT"
+  for split in train valid test; do
+    for lang in "$SRC" "$TGT"; do
+      python3 "$HERE/subwords.py" encode --model "$WORK/subwords/spm.model" \
+        "$WORK/text/$split.$lang" "$WORK/subwords/$split.$lang"
+    done
+  done
+  step "fairseq-preprocess -> $WORK/data-bin (joined dictionary)"
+  rm -rf "$WORK/data-bin"
+  fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --joined-dictionary \
+    --trainpref "$WORK/subwords/train" --validpref "$WORK/subwords/valid" \
+    --testpref "$WORK/subwords/test" --destdir "$WORK/data-bin" --workers 2 \
+    >"$WORK/preprocess.log" 2>&1 || die "fairseq-preprocess failed: see $WORK/preprocess.log"
+fi
+[ -f "$WORK/data-bin/dict.$SRC.txt" ] || die "$WORK/data-bin has no dict.$SRC.txt: run the prepare step first (STEPS=prepare), with the same SRC and TGT"
+
+mkdir -p "$WORK/results"
+for variant in $VARIANTS; do
+  run="$WORK/$variant"
+  if [[ " $STEPS " == *" train "* ]]; then
+    step "train $variant ($PRESET preset), log: $run/train.log"
+    rm -rf "$run" "$WORK/results/$variant.json"
+    mkdir -p "$run"
+    printf '%q ' fairseq-train "$WORK/data-bin" --task translation --source-lang "$SRC" \
+      --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE $(variant_flags "$variant" "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")") \
+      --seed 1 --save-dir "$run" --no-epoch-checkpoints --log-format simple --log-interval 50 \
+      --no-progress-bar $EXTRA >"$run/train.cmd"
+    start=$(date +%s)
+    PYTHONUNBUFFERED=1 bash "$run/train.cmd" >"$run/train.log" 2>&1 \
+      || die "training $variant failed: see $run/train.log"
+    echo $(( $(date +%s) - start )) >"$run/train.seconds"
+    grep "| valid |" "$run/train.log" | sed 's/.*| valid |/    valid |/' | tail -3
+  fi
+  if [[ " $STEPS " == *" evaluate "* ]]; then
+    [ -f "$run/checkpoint_best.pt" ] || die "$run/checkpoint_best.pt is missing: run the train step first"
+    step "evaluate $variant: fairseq-generate --beam $BEAM on test, sacrebleu on detokenised output"
+    fairseq-generate "$WORK/data-bin" $COMMON --source-lang "$SRC" --target-lang "$TGT" \
+      --path "$run/checkpoint_best.pt" --gen-subset test --beam "$BEAM" --batch-size 128 \
+      --max-len-a 1.2 --max-len-b 10 --post-process sentencepiece >"$run/generate.log" 2>&1 \
+      || die "fairseq-generate failed for $variant: see $run/generate.log"
+    grep '^D-' "$run/generate.log" | sed 's/^D-//' | sort -n -k1,1 | cut -f3 >"$run/test.hyp"
+    [ "$(wc -l <"$run/test.hyp")" = "$(wc -l <"$WORK/text/test.$TGT")" ] \
+      || die "$run/test.hyp has $(wc -l <"$run/test.hyp") lines, the reference $(wc -l <"$WORK/text/test.$TGT"): see $run/generate.log"
+    sacrebleu "$WORK/text/test.$TGT" -i "$run/test.hyp" -m bleu -w 2 >"$run/sacrebleu.json"
+    cat "$run/sacrebleu.json"
+    python3 "$HERE/record_result.py" --out "$WORK/results/$variant.json" --corpus "$CORPUS" \
+      --preset "$PRESET" --variant "$variant" --checkpoint "$run/checkpoint_best.pt" \
+      --train-log "$run/train.log" --train-seconds "$(cat "$run/train.seconds")" \
+      --command-file "$run/train.cmd" --generate-log "$run/generate.log" \
+      --sacrebleu-json "$run/sacrebleu.json"
+  fi
+done
+step "done: results in $WORK/results; tabulate with python3 $HERE/results_table.py $WORK/results"

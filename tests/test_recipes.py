@@ -1,0 +1,193 @@
+"""The recipes: IWSLT14 preparation on the real XML files, bad input, and shortened end-to-end runs."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA, head, shared_corpus
+
+RECIPES = os.path.join(REPO, "recipes")
+MARKUP = re.compile(r"</?(seg|doc|url|talkid|keywords|speaker|title|description|refset|srcset)\b|&(amp|lt|gt|quot);")
+
+
+def recipe(script, tmp_path, check=True, path=None, **variables):
+    """Run a recipe with the given variables; return the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **{k: str(v) for k, v in variables.items()}}
+    env["PATH"] = path or os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    result = subprocess.run(["bash", os.path.join(RECIPES, script)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    if check and result.returncode:
+        raise AssertionError(f"{script} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def python_script(name, *args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(RECIPES, name), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def count_segments(path):
+    with open(path, encoding="utf-8") as f:
+        return sum(line.lstrip().startswith("<seg id=") for line in f)
+
+
+def lines_of(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def test_iwslt14_test_split_from_the_real_xml_files(tmp_path):
+    orig = shared_corpus("iwslt14/orig")
+    result = python_script("prepare_iwslt14.py", orig, tmp_path, "--test-only")
+    assert result.returncode == 0, result.stderr
+    german, english = lines_of(tmp_path / "test.de"), lines_of(tmp_path / "test.en")
+    expected = sum(count_segments(os.path.join(orig, name)) for name in os.listdir(orig) if name.endswith(".en.xml"))
+    assert len(german) == len(english) == expected == 6750
+    assert all(line.strip() for line in german + english)
+    assert not [line for line in german + english if MARKUP.search(line)]
+    with open(os.path.join(orig, "IWSLT14.TED.dev2010.de-en.en.xml"), encoding="utf-8") as f:
+        first_segment = re.search(r'<seg id="1">(.*?)</seg>', f.read()).group(1).strip()
+    assert english[0] == first_segment
+    assert "R&D" in " ".join(english)  # entities decoded, not dropped
+
+
+def test_iwslt14_training_split_drops_metadata_cleans_and_holds_out_every_23rd(tmp_path):
+    orig = tmp_path / "de-en"
+    orig.mkdir()
+    iwslt = shared_corpus("iwslt14/orig")
+    for name in os.listdir(iwslt):
+        if name.endswith(".xml"):
+            os.symlink(os.path.join(iwslt, name), orig / name)
+    german, english = [], []
+    for talk in range(3):
+        german += [f"<url>http://www.ted.com/talks/{talk}</url>", f"<talkid>{talk}</talkid>",
+                   f"<title>Titel {talk}</title>", "<speaker>Jemand</speaker>"]
+        english += [f"<url>http://www.ted.com/talks/{talk}</url>", f"<talkid>{talk}</talkid>",
+                    f"<title>Title {talk}</title>", "<speaker>Someone</speaker>"]
+        for i in range(30):
+            german.append(f"satz {talk} {i} eins zwei")
+            english.append(f"sentence {talk} {i} one two")
+        german.append("ein viel zu langer satz " + "wort " * 20)  # ratio > 1.5: cleaned away
+        english.append("short one")
+    (orig / "train.tags.de-en.de").write_text("\n".join(german) + "\n", encoding="utf-8")
+    (orig / "train.tags.de-en.en").write_text("\n".join(english) + "\n", encoding="utf-8")
+
+    result = python_script("prepare_iwslt14.py", orig, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    kept = [f"Title {t}" if i < 0 else f"sentence {t} {i} one two" for t in range(3) for i in range(-1, 30)]
+    train, valid = lines_of(tmp_path / "out/train.en"), lines_of(tmp_path / "out/valid.en")
+    assert valid == kept[22::23]
+    assert train == [line for i, line in enumerate(kept) if i % 23 != 22]
+    assert len(lines_of(tmp_path / "out/train.de")) == len(train)
+
+    (orig / "train.tags.de-en.de").write_text("\n".join(german[:-5]) + "\n", encoding="utf-8")
+    result = python_script("prepare_iwslt14.py", orig, tmp_path / "out")
+    assert result.returncode == 1
+    assert "not parallel" in result.stderr
+
+
+def small_lm_corpus(folder, splits=("train", "valid", "test")):
+    folder.mkdir()
+    for split in splits:
+        (folder / f"{split}.txt").write_text("the cat sat on the mat\na dog ran\n" * 50)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "variables,message",
+    [
+        ({"DATA": "/nonexistent"}, "DATA=/nonexistent has no train.txt"),
+        ({"CORPUS": "ptb2"}, "CORPUS=ptb2: use ptb or wikitext2"),
+        ({"PRESET": "tpu"}, "PRESET=tpu: use cpu, gpu or smoke"),
+        ({"VARIANTS": "rshare-2"}, "variant 'rshare-2'"),
+        ({"VARIANTS": "rshare-0.1-output"}, "unknown suffix 'output'"),
+    ],
+)
+def test_lm_recipe_bad_input_stops_with_one_message(tmp_path, variables, message):
+    data = small_lm_corpus(tmp_path / "corpus")
+    result = recipe("lm.sh", tmp_path, check=False, **{"DATA": data, "PRESET": "smoke", **variables})
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert result.stderr.count("error:") == 1
+
+
+def test_lm_recipe_names_a_missing_split_and_a_missing_tool(tmp_path):
+    data = small_lm_corpus(tmp_path / "corpus", splits=("train", "valid"))
+    result = recipe("lm.sh", tmp_path, check=False, DATA=data, PRESET="smoke")
+    assert result.returncode == 1 and "has no test.txt" in result.stderr
+    result = recipe("lm.sh", tmp_path, check=False, DATA=data, PRESET="smoke", path="/usr/bin:/bin")
+    assert result.returncode == 1 and "fairseq-preprocess not found" in result.stderr
+
+
+def test_translation_recipe_names_a_wrong_language_pair_and_missing_data(tmp_path):
+    multi30k = shared_corpus("multi30k")
+    result = recipe("translation.sh", tmp_path, check=False, DATA=multi30k, SRC="fr", PRESET="smoke")
+    assert result.returncode == 1
+    assert "has no train.fr: check DATA and the language pair SRC=fr TGT=en" in result.stderr
+    result = recipe("translation.sh", tmp_path, check=False, DATA=tmp_path / "none", PRESET="smoke")
+    assert result.returncode == 1 and "is not a folder" in result.stderr
+    result = recipe("translation.sh", tmp_path, check=False, DATA=multi30k, VARIANTS="rshare-0.1-input")
+    assert result.returncode == 1 and "-input needs untied tables" in result.stderr
+
+
+@pytest.mark.slow
+def test_failed_training_leaves_no_results_json(tmp_path):
+    data = small_lm_corpus(tmp_path / "corpus")
+    result = recipe("lm.sh", tmp_path, check=False, DATA=data, PRESET="smoke", WORK=tmp_path / "work",
+                    VARIANTS="dense", EXTRA="--lr -1 --no-such-flag")
+    assert result.returncode == 1
+    assert "training dense failed: see" in result.stderr
+    assert os.listdir(tmp_path / "work/results") == []
+
+
+def check_results(results_dir, variants, metric, better_than):
+    results = {}
+    for variant in variants:
+        with open(os.path.join(results_dir, f"{variant}.json")) as f:
+            results[variant] = json.load(f)
+        value = results[variant][metric]
+        assert math.isfinite(value) and better_than(value), (variant, value)
+        assert results[variant]["checkpoint_bytes"] == os.path.getsize(
+            os.path.join(results_dir, "..", variant, "checkpoint_best.pt"))
+        assert results[variant]["words_per_second"] > 0
+    assert not [name for name in os.listdir(results_dir) if not name.endswith(".json")]
+    return results
+
+
+def tabulate(results_dir, tmp_path):
+    result = python_script("results_table.py", results_dir, "--markdown", tmp_path / "r.md",
+                           "--plot", tmp_path / "r.png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    return (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("corpus,vocabulary", [("ptb", 10_000), ("wikitext2", 33_278)])
+def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
+    data = shared_corpus(corpus)
+    variants = ["dense", "rshare-0.1-freq"] if corpus == "ptb" else ["dense", "rshare-0.1"]
+    recipe("lm.sh", tmp_path, CORPUS=corpus, DATA=data, PRESET="smoke", WORK=tmp_path / "work",
+           VARIANTS=" ".join(variants))
+    # Far better than chance: a tenth of the uniform perplexity over the vocabulary.
+    results = check_results(tmp_path / "work/results", variants, "test_ppl", lambda ppl: ppl < vocabulary / 10)
+    rshare = results[variants[1]]
+    assert rshare["embedding_softmax_params"] < 0.15 * results["dense"]["embedding_softmax_params"]
+    if corpus == "ptb":
+        assert "--rshare-frequent-words 500" in rshare["command"]
+    table = tabulate(tmp_path / "work/results", tmp_path)
+    assert f"| {corpus} | smoke | {variants[1]} | test ppl | {rshare['test_ppl']:.2f} |" in table
+
+
+@pytest.mark.slow
+def test_translation_recipe_end_to_end_shortened(tmp_path):
+    data = shared_corpus("multi30k")
+    recipe("translation.sh", tmp_path, DATA=data, PRESET="smoke", WORK=tmp_path / "work")
+    results = check_results(tmp_path / "work/results", ["dense", "rshare-0.1"], "test_bleu", lambda bleu: bleu > 1)
+    assert results["rshare-0.1"]["sacrebleu_signature"].startswith("nrefs:1|case:mixed")
+    assert len(lines_of(tmp_path / "work/rshare-0.1/test.hyp")) == 1000
+    assert "test BLEU" in tabulate(tmp_path / "work/results", tmp_path)
