@@ -31,7 +31,7 @@ def build(layer, variant, V, H, K, ratio):
             return torch.nn.Linear(H, V, bias=False)
         return torch.nn.Embedding(V, H, padding_idx=1)
     table = RandomSharedEmbedding(V, H, 1, K, max(2 * K, round(ratio * V) * K))
-    return RandomSharedOutput(table) if layer == "output" else table
+    return RandomSharedOutput(table, path="pool-scores") if layer == "output" else table
 
 
 def measure(layer, variant, V, H, K, ratio, tokens, repeats):

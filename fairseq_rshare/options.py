@@ -41,6 +41,10 @@ class RShareConfig(FairseqDataclass):
         default=0,
         metadata={"help": "frequency-aware variant (not the paper's; 0 = off): the F most frequent words get private sub-vectors, the rest share the remainder of the same pool"},
     )
+    rshare_output_path: ChoiceEnum(["auto", "pool-scores", "materialize"]) = field(
+        default="auto",
+        metadata={"help": "how the random-shared output layer computes: pool-scores (never builds the V x H matrix), materialize (builds it once a batch, as dense), or auto (a cost model picks the faster for the shape)"},
+    )
     rshare_output_bias: bool = field(
         default=False, metadata={"help": "add a per-word bias to the random-shared output layer"}
     )
@@ -141,9 +145,11 @@ def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
                 f"--share-decoder-input-output-embed needs the decoder input dim "
                 f"({decoder_embed.embedding_dim}) to equal its output dim ({output_dim})"
             )
-        return RandomSharedOutput(decoder_embed, bias=args.rshare_output_bias)
+        return RandomSharedOutput(
+            decoder_embed, bias=args.rshare_output_bias, path=str(args.rshare_output_path)
+        )
     table = build_rshare_embedding(args, dictionary, output_dim, "decoder-output")
-    return RandomSharedOutput(table, bias=args.rshare_output_bias)
+    return RandomSharedOutput(table, bias=args.rshare_output_bias, path=str(args.rshare_output_path))
 
 
 def reject_adaptive_softmax(args):

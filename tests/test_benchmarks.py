@@ -12,14 +12,26 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_layer_benchmark_smoke_run_writes_json_and_table(tmp_path):
-    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_layers.py"), "--smoke",
+def test_every_benchmark_runs_from_one_command_in_smoke_mode(tmp_path):
+    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "run_all.py"), "--smoke",
                     "--out", str(tmp_path)], check=True, capture_output=True)
-    rows = json.loads((tmp_path / "layers.json").read_text())["rows"]
-    assert {row["layer"] for row in rows} == {"output", "input"}
-    for row in rows:
+    rows = json.loads((tmp_path / "training.json").read_text())["rows"]
+    runs = {(row["case"], variant): run for row in rows for variant, run in row["runs"].items()}
+    assert len(runs) == 6
+    for (case, variant), run in runs.items():
+        assert run["ok"], (case, variant, run)
+        assert run["words_per_second"] > 0 and run["peak_rss_mb"] > 0
+    for case in {case for case, _ in runs}:
+        assert runs[(case, "rshare 1 %")]["checkpoint_bytes"] < runs[(case, "dense")]["checkpoint_bytes"]
+    assert any("materialize" in variant for _, variant in runs)
+    layers = json.loads((tmp_path / "layers.json").read_text())["rows"]
+    assert {row["layer"] for row in layers} == {"output", "input"}
+    for row in layers:
         for variant in ("dense", "rshare"):
             assert math.isfinite(row[variant]["seconds"]) and row[variant]["seconds"] > 0
             assert row[variant]["peak_rss_mb"] > 0
         assert row["dense"]["params"] == row["V"] * row["H"]
     assert "| output | 2,000 | 64 |" in (tmp_path / "layers.md").read_text()
+    for name in ("layers", "training"):
+        assert (tmp_path / f"{name}.md").stat().st_size > 0
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000

@@ -7,6 +7,7 @@ from torch.func import functional_call
 from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
 from fairseq_rshare.fused import extension, log_softmax_of_bags, stock_log_softmax_of_bags
 from fairseq_rshare.mapping import fingerprint, make_mapping
+from fairseq_rshare.modules import pool_scores_is_cheaper
 
 GOLDEN_FINGERPRINTS = {
     (10, 4, 8, "position", 1): "508325ab1362e31",
@@ -61,10 +62,10 @@ def test_mapping_depends_on_seed_and_is_repeatable():
     assert not np.array_equal(first, make_mapping(500, 4, 200, "position", seed=2))
 
 
-def make_output(V=37, H=12, K=4, M=16, kind="position", bias=False):
+def make_output(V=37, H=12, K=4, M=16, kind="position", bias=False, path="pool-scores"):
     torch.manual_seed(0)
     table = RandomSharedEmbedding(V, H, padding_idx=1, num_subvectors=K, pool_size=M, pool_kind=kind)
-    output = RandomSharedOutput(table, bias=bias).double()
+    output = RandomSharedOutput(table, bias=bias, path=path).double()
     if bias:
         torch.nn.init.normal_(output.bias)
     return output
@@ -110,6 +111,38 @@ def test_output_gradients_equal_materialized_gradients(kind):
         grads.append((output.table.pool.grad.clone(), output.bias.grad.clone()))
     for fast, reference in zip(*grads):
         assert torch.allclose(fast, reference, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "V,H,K,M,path",
+    [(10_000, 200, 8, 16_000, "materialize"), (10_000, 200, 8, 1_600, "materialize"),
+     (10_000, 1024, 8, 800, "pool-scores"), (33_000, 512, 8, 2_640, "pool-scores"),
+     (1000, 64, 4, 400, "materialize")],
+)
+def test_auto_path_picks_by_the_cost_model(V, H, K, M, path):
+    output = RandomSharedOutput(RandomSharedEmbedding(V, H, 1, K, M))
+    assert output.path == path
+    assert pool_scores_is_cheaper(V, H, K, M) == (path == "pool-scores")
+
+
+@pytest.mark.parametrize("kind", ["position", "global"])
+def test_both_paths_give_the_same_log_probs_and_gradients(kind):
+    features = torch.randn(7, 16, dtype=torch.float64)
+    targets = torch.randint(211, (7,))
+    results = []
+    for path in ("pool-scores", "materialize"):
+        output = make_output(V=211, H=16, K=4, M=40, kind=kind, bias=True, path=path)
+        torch.nn.init.normal_(output.bias)
+        lprobs = output(features)
+        F.nll_loss(lprobs, targets).backward()
+        results.append((lprobs, output.table.pool.grad, output.bias.grad))
+    for first, second in zip(*results):
+        assert torch.allclose(first, second, atol=1e-10)
+
+
+def test_unknown_output_path_names_the_flag():
+    with pytest.raises(RShareConfigError, match="--rshare-output-path must be one of"):
+        RandomSharedOutput(RandomSharedEmbedding(100, 16, 1, 4, 40), path="fast")
 
 
 @pytest.mark.parametrize("kind", ["position", "global"])

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,7 +33,7 @@ def test_fast_logits_equal_materialized_logits_for_any_valid_table(table, tokens
     if kind == "position" and M >= V * K:
         return
     output = RandomSharedOutput(
-        RandomSharedEmbedding(V, H, 0, K, M, kind, seed, frequent_words), bias=bias
+        RandomSharedEmbedding(V, H, 0, K, M, kind, seed, frequent_words), bias=bias, path="pool-scores"
     ).double()
     if bias:
         torch.nn.init.normal_(output.bias)
@@ -40,9 +41,10 @@ def test_fast_logits_equal_materialized_logits_for_any_valid_table(table, tokens
     assert torch.allclose(output(features), output.materialized_forward(features), atol=1e-9)
 
 
-def test_bf16_autocast_logits_stay_close_to_fp32():
+@pytest.mark.parametrize("path", ["pool-scores", "materialize"])
+def test_bf16_autocast_logits_stay_close_to_fp32(path):
     torch.manual_seed(0)
-    output = RandomSharedOutput(RandomSharedEmbedding(5000, 256, 1, 8, 4000), bias=True)
+    output = RandomSharedOutput(RandomSharedEmbedding(5000, 256, 1, 8, 4000), bias=True, path=path)
     torch.nn.init.normal_(output.bias, std=0.1)
     features = torch.randn(64, 256)
     reference = output(features)

@@ -1,0 +1,221 @@
+"""Whole fairseq training, dense against rshare: words/s, peak RSS and checkpoint bytes.
+
+    python benchmarks/bench_training.py             # every case, ~40 min on 2 cores
+    python benchmarks/bench_training.py --smoke     # tiny sizes, a minute (what CI runs)
+
+Every run is a real `fairseq-train` process (words/s from fairseq's own log, peak RSS of
+that process, the size of the checkpoint it saves), repeated with the variants interleaved;
+figures are medians and ratios are rshare over dense from the same run.  Cases:
+- LSTM LMs on PTB- and WikiText-2-shaped data (V=10k and 33k, 2x200, synthetic Zipfian ids):
+  dense, rshare at 1 % (path chosen by the cost model), and the two regimes of the output
+  path at V=10k (2000 and 200 pool entries per position, each path forced);
+- the transformer NMT on Multi30k de-en (needs ../shared/data/multi30k; prepared with
+  recipes/translation.sh), dense against rshare at 10 %;
+- a One-Billion-Word-sized LSTM LM (V=800k, H=1024, one layer), a few updates: rshare, and
+  dense under an address-space cap that keeps the shared machine safe.
+Writes benchmarks/results/training.json and .md.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+USER_DIR = os.path.join(REPO, "fairseq_rshare")
+RESULTS = os.path.join(HERE, "results")
+MULTI30K = os.environ.get("RSHARE_DATA", os.path.join(REPO, "..", "shared", "data")) + "/multi30k"
+
+
+def tool(name):
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    return local if os.path.exists(local) else name
+
+
+def synthetic_lm_data(folder, vocabulary, tokens, seed=0):
+    """A fairseq data-bin of Zipfian token ids whose dictionary holds exactly `vocabulary` words."""
+    rng = np.random.default_rng(seed)
+    zipf = 1.0 / np.arange(1, vocabulary + 1)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "dict.src"), "w") as f:
+        f.writelines(f"w{i} {vocabulary - i}\n" for i in range(vocabulary))
+    for split, count in (("train", tokens), ("valid", 2000)):
+        ids = rng.choice(vocabulary, size=count, p=zipf / zipf.sum())
+        with open(os.path.join(folder, f"{split}.txt"), "w") as f:
+            for line in np.array_split(ids, max(1, count // 35)):
+                f.write(" ".join(f"w{i}" for i in line) + "\n")
+    subprocess.run(
+        [tool("fairseq-preprocess"), "--only-source", "--srcdict", os.path.join(folder, "dict.src"),
+         "--trainpref", os.path.join(folder, "train.txt"), "--validpref", os.path.join(folder, "valid.txt"),
+         "--destdir", os.path.join(folder, "bin"), "--workers", "2"],
+        check=True, capture_output=True,
+    )
+    return os.path.join(folder, "bin")
+
+
+def multi30k_data(folder):
+    """Multi30k de-en through recipes/translation.sh's prepare step (sentencepiece, 8k joint)."""
+    subprocess.run(
+        ["bash", os.path.join(REPO, "recipes", "translation.sh")], check=True, capture_output=True,
+        env={**os.environ, "STEPS": "prepare", "DATA": MULTI30K, "WORK": folder,
+             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
+    )
+    return os.path.join(folder, "data-bin")
+
+
+def train(data_bin, flags, save_dir, memory_cap_gb=None):
+    """One fairseq-train process: its words/s, peak RSS and checkpoint bytes (None when it failed)."""
+    shutil.rmtree(save_dir, ignore_errors=True)
+    command = [tool("fairseq-train"), data_bin, "--user-dir", USER_DIR, "--cpu", "--seed", "1",
+               "--required-batch-size-multiple", "1", "--disable-validation", "--save-dir", save_dir,
+               "--no-epoch-checkpoints", "--log-format", "simple", "--no-progress-bar", *flags]
+    cap = None
+    if memory_cap_gb:
+        cap = int(memory_cap_gb * 2**30)
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))) if cap else None,
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        log.seek(0)
+        text = log.read()
+    result = {"peak_rss_mb": round(usage.ru_maxrss / 1024), "ok": status == 0}
+    speeds = re.findall(r"\| train \| epoch \d+ \|.*?\| wps ([\d.]+) \|", text)
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    if status == 0 and speeds and os.path.exists(checkpoint):
+        result.update(words_per_second=float(speeds[-1]), checkpoint_bytes=os.path.getsize(checkpoint))
+    else:
+        result["ok"] = False
+        result["error"] = next(
+            (line.strip()[:160] for line in reversed(text.splitlines())
+             if "Error" in line or "error" in line or "memory" in line), f"exit status {status}")
+    shutil.rmtree(save_dir, ignore_errors=True)
+    return result
+
+
+def lm_flags(hidden, layers, updates, max_tokens, variant_flags):
+    return ["--task", "language_modeling", "--arch", "rshare_lstm_lm", "--decoder-layers", str(layers),
+            "--decoder-embed-dim", str(hidden), "--decoder-hidden-size", str(hidden),
+            "--decoder-out-embed-dim", str(hidden), "--optimizer", "adam", "--lr", "0.003",
+            "--clip-norm", "0.5", "--tokens-per-sample", "35", "--sample-break-mode", "none",
+            "--max-tokens", str(max_tokens), "--max-update", str(updates), "--log-interval", "1000",
+            *variant_flags]
+
+
+def nmt_flags(updates, variant_flags):
+    return ["--task", "translation", "--source-lang", "de", "--target-lang", "en",
+            "--arch", "rshare_transformer", "--encoder-layers", "3", "--decoder-layers", "3",
+            "--encoder-embed-dim", "256", "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024",
+            "--decoder-ffn-embed-dim", "1024", "--encoder-attention-heads", "4",
+            "--decoder-attention-heads", "4", "--share-all-embeddings", "--optimizer", "adam",
+            "--lr", "0.0005", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--max-tokens", "4096", "--max-update", str(updates), "--log-interval", "1000",
+            *variant_flags]
+
+
+DENSE = ["--rshare-tables", "none"]
+
+
+def cases(smoke, work):
+    """(name, data_bin, variants {name: flags}, memory cap GB or None) for every case."""
+    updates = 3 if smoke else 40
+    shapes = [("PTB shape (V=10k, 2x200)", 10_000), ("WikiText-2 shape (V=33k, 2x200)", 33_278)]
+    if smoke:
+        shapes = [("smoke shape (V=2k, 2x32)", 2_000)]
+    hidden = 32 if smoke else 200
+    for index, (name, vocabulary) in enumerate(shapes):
+        data = synthetic_lm_data(os.path.join(work, f"lm{vocabulary}"), vocabulary, 2240 * updates + 5000)
+        variants = {"dense": DENSE, "rshare 1 %": ["--rshare-ratio", "0.01"]}
+        if index == 0:
+            for per_position in (2000, 200) if not smoke else (20,):
+                for path in ("pool-scores", "materialize"):
+                    variants[f"rshare {per_position}/position, {path}"] = [
+                        "--rshare-pool-size", str(8 * per_position), "--rshare-output-path", path]
+        yield name, data, {v: lm_flags(hidden, 2, updates, 2240, f) for v, f in variants.items()}, None
+    if os.path.isdir(MULTI30K) and not smoke:
+        data = multi30k_data(os.path.join(work, "multi30k"))
+        yield "Multi30k transformer (3+3x256, V=8k)", data, {
+            "dense": nmt_flags(30, DENSE), "rshare 10 %": nmt_flags(30, ["--rshare-ratio", "0.1"])}, None
+    vocabulary, hidden, cap = (800_000, 1024, 16) if not smoke else (20_000, 64, 4)
+    data = synthetic_lm_data(os.path.join(work, "lm-big"), vocabulary, 256 * 4)
+    yield f"1BW-sized LSTM LM (V={vocabulary:,}, 1x{hidden}), memory", data, {
+        "dense": lm_flags(hidden, 1, 3, 256, DENSE),
+        "rshare 1 %": lm_flags(hidden, 1, 3, 256, ["--rshare-ratio", "0.01"])}, cap
+
+
+def markdown(rows, meta):
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}, torch {meta['torch']}; median of "
+        f"{meta['repeats']} interleaved runs (memory case: one run each).",
+        "",
+        "| case | run | words/s | speed vs dense | peak RSS MB | checkpoint MB | checkpoint vs dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        dense = row["runs"]["dense"]
+        for variant, run in row["runs"].items():
+            if not run["ok"]:
+                lines.append(f"| {row['case']} | {variant} | failed: {run['error']} | | {run['peak_rss_mb']:,} | | |")
+                continue
+            speed = size = "–"
+            if dense["ok"] and variant != "dense":
+                speed = f"{run['words_per_second'] / dense['words_per_second']:.2f}×"
+                size = f"{dense['checkpoint_bytes'] / run['checkpoint_bytes']:.1f}× smaller"
+            lines.append(
+                f"| {row['case']} | {variant} | {run['words_per_second']:,.0f} | {speed} "
+                f"| {run['peak_rss_mb']:,} | {run['checkpoint_bytes'] / 1e6:.1f} | {size} |")
+    return "\n".join(lines) + "\n"
+
+
+def median_run(runs):
+    ok = [r for r in runs if r["ok"]]
+    if not ok:
+        return runs[-1]
+    middle = sorted(ok, key=lambda r: r["words_per_second"])[len(ok) // 2]
+    return {**middle, "words_per_second": statistics.median(r["words_per_second"] for r in ok),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=RESULTS, help="folder for training.json and training.md")
+    args = parser.parse_args()
+    repeats = 1 if args.smoke else args.repeats
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for case, data, variants, cap in cases(args.smoke, work):
+            runs = {variant: [] for variant in variants}
+            for _ in range(1 if cap else repeats):
+                for variant, flags in variants.items():
+                    runs[variant].append(train(data, flags, os.path.join(work, "save"), cap))
+            row = {"case": case, "runs": {v: median_run(r) for v, r in runs.items()}}
+            for variant, run in row["runs"].items():
+                print(f"{case} | {variant}: " + (f"{run['words_per_second']:,.0f} words/s" if run["ok"]
+                      else f"failed ({run['error']})") + f", peak RSS {run['peak_rss_mb']:,} MB", flush=True)
+            rows.append(row)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "torch": __import__("torch").__version__, "repeats": repeats}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    table = markdown(rows, meta)
+    with open(os.path.join(args.out, "training.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
