@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Language-model perplexity on PTB or WikiText-2: a dense LSTM LM beside rshare ones.
+# Language-model perplexity (PTB, WikiText-2, or any tokenised corpus): a dense LSTM LM beside
+# rshare ones.
 # Steps: prepare (fairseq-preprocess), train (fairseq-train), evaluate (fairseq-eval-lm on
 # test), then one results JSON per run in $WORK/results (recipes/results_table.py tabulates).
 #
 # Variables (environment), defaults in brackets:
-#   CORPUS    ptb | wikitext2                                               [ptb]
+#   CORPUS    a name: ptb, wikitext2 (in ../shared/data), or your own with DATA set  [ptb]
 #   DATA      folder with train.txt, valid.txt, test.txt                     [../shared/data/$CORPUS]
 #   PRESET    cpu   : 2x200 LSTM (Zaremba et al.'s small model), tens of minutes on 2 cores
 #             gpu   : 2x650 LSTM with dropout 0.5 (Zaremba's medium model), 40 epochs
@@ -31,7 +32,6 @@ EXTRA=${EXTRA:-}
 source "$HERE/common.sh"
 INPUT_TABLES=decoder-input
 
-case $CORPUS in ptb|wikitext2) ;; *) die "CORPUS=$CORPUS: use ptb or wikitext2" ;; esac
 case $PRESET in
   cpu)
     MODEL="--arch rshare_lstm_lm_ptb_small"

@@ -12,7 +12,7 @@
 #             IWSLT14.*.xml); unset, it is downloaded from $IWSLT14_URL into $WORK/orig
 #   IWSLT14_URL                       [http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz]
 #   SRC, TGT  source and target language                                    [de, en]
-#   PRESET    cpu   : a small transformer (3+3 layers of 256), tens of minutes on 2 cores
+#   PRESET    cpu   : a small transformer (2+2 layers of 256), tens of minutes on 2 cores
 #             gpu   : transformer_iwslt_de_en (fairseq's IWSLT14 setup), 50 epochs
 #             smoke : a tiny transformer, 200 updates (what CI runs)         [cpu]
 #   VARIANTS  space-separated runs                                          [dense rshare-0.1]
@@ -49,10 +49,10 @@ case $CORPUS in
 esac
 case $PRESET in
   cpu)
-    MODEL="--arch rshare_transformer --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256
-           --decoder-embed-dim 256 --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024
-           --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.3"
-    SCHEDULE="--lr 0.001 --warmup-updates 400 --max-tokens 4096 --max-epoch 10"
+    MODEL="--arch rshare_transformer --encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 256
+           --decoder-embed-dim 256 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
+           --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.1"
+    SCHEDULE="--lr 0.002 --warmup-updates 200 --max-tokens 4096 --max-epoch 3"
     VOCAB=${VOCAB:-8000} ;;
   gpu)
     MODEL="--arch rshare_transformer_iwslt_de_en --dropout 0.3"

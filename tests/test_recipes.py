@@ -101,7 +101,6 @@ def small_lm_corpus(folder, splits=("train", "valid", "test")):
     "variables,message",
     [
         ({"DATA": "/nonexistent"}, "DATA=/nonexistent has no train.txt"),
-        ({"CORPUS": "ptb2"}, "CORPUS=ptb2: use ptb or wikitext2"),
         ({"PRESET": "tpu"}, "PRESET=tpu: use cpu, gpu or smoke"),
         ({"VARIANTS": "rshare-2"}, "variant 'rshare-2'"),
         ({"VARIANTS": "rshare-0.1-output"}, "unknown suffix 'output'"),
