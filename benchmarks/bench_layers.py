@@ -94,6 +94,16 @@ def markdown(rows, meta):
     return "\n".join(lines) + "\n"
 
 
+def save_results(folder, name, meta, rows, table):
+    """Write NAME.json (meta and rows) and NAME.md (the table) into folder; print the table."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
@@ -121,13 +131,7 @@ def main():
         "torch": torch.__version__, "threads": torch.get_num_threads(), "K": args.subvectors,
         "ratio": args.ratio, "tokens": tokens, "repeats": repeats,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "layers.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    table = markdown(rows, meta)
-    with open(os.path.join(args.out, "layers.md"), "w") as f:
-        f.write(table)
-    print(table)
+    save_results(args.out, "layers", meta, rows, markdown(rows, meta))
 
 
 if __name__ == "__main__":

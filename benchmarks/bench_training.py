@@ -16,7 +16,6 @@ figures are medians and ratios are rshare over dense from the same run.  Cases:
 Writes benchmarks/results/training.json and .md.
 """
 import argparse
-import json
 import os
 import platform
 import re
@@ -29,6 +28,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from bench_layers import save_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -208,13 +209,7 @@ def main():
             rows.append(row)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "torch": __import__("torch").__version__, "repeats": repeats}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "training.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    table = markdown(rows, meta)
-    with open(os.path.join(args.out, "training.md"), "w") as f:
-        f.write(table)
-    print(table)
+    save_results(args.out, "training", meta, rows, markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -29,5 +29,32 @@ variant_flags() {
   esac
 }
 
+# train_variant NAME RUN_DIR FAIRSEQ_TRAIN_ARGS...: train one run into RUN_DIR; the command is
+# kept in RUN_DIR/train.cmd, its log in train.log, its wall time in train.seconds.
+train_variant() {
+  local name=$1 run=$2 start
+  shift 2
+  step "train $name ($PRESET preset), log: $run/train.log"
+  rm -rf "$run" "$WORK/results/$name.json"
+  mkdir -p "$run"
+  printf '%q ' fairseq-train "$@" --seed 1 --save-dir "$run" --no-epoch-checkpoints \
+    --log-format simple --log-interval 50 --no-progress-bar $EXTRA >"$run/train.cmd"
+  start=$(date +%s)
+  PYTHONUNBUFFERED=1 bash "$run/train.cmd" >"$run/train.log" 2>&1 \
+    || die "training $name failed: see $run/train.log"
+  echo $(( $(date +%s) - start )) >"$run/train.seconds"
+  grep "| valid |" "$run/train.log" | sed 's/.*| valid |/    valid |/' | tail -3
+}
+
+# record_variant NAME RUN_DIR METRIC_ARGS...: write $WORK/results/NAME.json (recipes/record_result.py).
+record_variant() {
+  local name=$1 run=$2
+  shift 2
+  python3 "$HERE/record_result.py" --out "$WORK/results/$name.json" --corpus "$CORPUS" \
+    --preset "$PRESET" --variant "$name" --checkpoint "$run/checkpoint_best.pt" \
+    --train-log "$run/train.log" --train-seconds "$(cat "$run/train.seconds")" \
+    --command-file "$run/train.cmd" "$@"
+}
+
 # dictionary_size DICT: fairseq's vocabulary size for a dict.txt (its words + 4 special symbols).
 dictionary_size() { echo $(( $(wc -l <"$1") + 4 )); }

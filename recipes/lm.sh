@@ -77,27 +77,16 @@ mkdir -p "$WORK/results"
 for variant in $VARIANTS; do
   run="$WORK/$variant"
   if [[ " $STEPS " == *" train "* ]]; then
-    step "train $variant ($PRESET preset), log: $run/train.log"
-    rm -rf "$run" "$WORK/results/$variant.json"
-    mkdir -p "$run"
-    printf '%q ' fairseq-train "$WORK/data-bin" --task language_modeling $COMMON $MODEL $SCHEDULE \
-      $(variant_flags "$variant" "$(dictionary_size "$WORK/data-bin/dict.txt")") --sample-break-mode none --seed 1 --save-dir "$run" \
-      --no-epoch-checkpoints --log-format simple --log-interval 50 --no-progress-bar $EXTRA >"$run/train.cmd"
-    start=$(date +%s)
-    PYTHONUNBUFFERED=1 bash "$run/train.cmd" >"$run/train.log" 2>&1 \
-      || die "training $variant failed: see $run/train.log"
-    echo $(( $(date +%s) - start )) >"$run/train.seconds"
-    grep "| valid |" "$run/train.log" | sed 's/.*| valid |/    valid |/' | tail -3
+    train_variant "$variant" "$run" "$WORK/data-bin" --task language_modeling $COMMON $MODEL \
+      $SCHEDULE $(variant_flags "$variant" "$(dictionary_size "$WORK/data-bin/dict.txt")") \
+      --sample-break-mode none
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_best.pt" ] || die "$run/checkpoint_best.pt is missing: run the train step first"
     step "evaluate $variant on test"
     fairseq-eval-lm "$WORK/data-bin" $COMMON --path "$run/checkpoint_best.pt" --gen-subset test \
       --max-tokens 4096 >"$run/eval.log" 2>&1 || die "evaluating $variant failed: see $run/eval.log"
-    python3 "$HERE/record_result.py" --out "$WORK/results/$variant.json" --corpus "$CORPUS" \
-      --preset "$PRESET" --variant "$variant" --checkpoint "$run/checkpoint_best.pt" \
-      --train-log "$run/train.log" --train-seconds "$(cat "$run/train.seconds")" \
-      --command-file "$run/train.cmd" --eval-log "$run/eval.log"
+    record_variant "$variant" "$run" --eval-log "$run/eval.log"
   fi
 done
 step "done: results in $WORK/results; tabulate with python3 $HERE/results_table.py $WORK/results"

@@ -132,18 +132,9 @@ mkdir -p "$WORK/results"
 for variant in $VARIANTS; do
   run="$WORK/$variant"
   if [[ " $STEPS " == *" train "* ]]; then
-    step "train $variant ($PRESET preset), log: $run/train.log"
-    rm -rf "$run" "$WORK/results/$variant.json"
-    mkdir -p "$run"
-    printf '%q ' fairseq-train "$WORK/data-bin" --task translation --source-lang "$SRC" \
-      --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE $(variant_flags "$variant" "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")") \
-      --seed 1 --save-dir "$run" --no-epoch-checkpoints --log-format simple --log-interval 50 \
-      --no-progress-bar $EXTRA >"$run/train.cmd"
-    start=$(date +%s)
-    PYTHONUNBUFFERED=1 bash "$run/train.cmd" >"$run/train.log" 2>&1 \
-      || die "training $variant failed: see $run/train.log"
-    echo $(( $(date +%s) - start )) >"$run/train.seconds"
-    grep "| valid |" "$run/train.log" | sed 's/.*| valid |/    valid |/' | tail -3
+    train_variant "$variant" "$run" "$WORK/data-bin" --task translation --source-lang "$SRC" \
+      --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE \
+      $(variant_flags "$variant" "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")")
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_best.pt" ] || die "$run/checkpoint_best.pt is missing: run the train step first"
@@ -157,10 +148,7 @@ for variant in $VARIANTS; do
       || die "$run/test.hyp has $(wc -l <"$run/test.hyp") lines, the reference $(wc -l <"$WORK/text/test.$TGT"): see $run/generate.log"
     sacrebleu "$WORK/text/test.$TGT" -i "$run/test.hyp" -m bleu -w 2 >"$run/sacrebleu.json"
     cat "$run/sacrebleu.json"
-    python3 "$HERE/record_result.py" --out "$WORK/results/$variant.json" --corpus "$CORPUS" \
-      --preset "$PRESET" --variant "$variant" --checkpoint "$run/checkpoint_best.pt" \
-      --train-log "$run/train.log" --train-seconds "$(cat "$run/train.seconds")" \
-      --command-file "$run/train.cmd" --generate-log "$run/generate.log" \
+    record_variant "$variant" "$run" --generate-log "$run/generate.log" \
       --sacrebleu-json "$run/sacrebleu.json"
   fi
 done

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, head, shared_corpus
+from conftest import REPO, shared_corpus
 
 RECIPES = os.path.join(REPO, "recipes")
 MARKUP = re.compile(r"</?(seg|doc|url|talkid|keywords|speaker|title|description|refset|srcset)\b|&(amp|lt|gt|quot);")
