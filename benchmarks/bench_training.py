@@ -128,14 +128,16 @@ def nmt_flags(updates, variant_flags):
 DENSE = ["--rshare-tables", "none"]
 
 
-def cases(smoke, work):
-    """(name, data_bin, variants {name: flags}, memory cap GB or None) for every case."""
+def cases(smoke, work, wanted=lambda name: True):
+    """(name, data_bin, variants {name: flags}, memory cap GB or None) for every wanted case."""
     updates = 3 if smoke else 40
     shapes = [("PTB shape (V=10k, 2x200)", 10_000), ("WikiText-2 shape (V=33k, 2x200)", 33_278)]
     if smoke:
         shapes = [("smoke shape (V=2k, 2x32)", 2_000)]
     hidden = 32 if smoke else 200
     for index, (name, vocabulary) in enumerate(shapes):
+        if not wanted(name):
+            continue
         data = synthetic_lm_data(os.path.join(work, f"lm{vocabulary}"), vocabulary, 2240 * updates + 5000)
         variants = {"dense": DENSE, "rshare 1 %": ["--rshare-ratio", "0.01"]}
         if index == 0:
@@ -144,11 +146,13 @@ def cases(smoke, work):
                     variants[f"rshare {per_position}/position, {path}"] = [
                         "--rshare-pool-size", str(8 * per_position), "--rshare-output-path", path]
         yield name, data, {v: lm_flags(hidden, 2, updates, 2240, f) for v, f in variants.items()}, None
-    if os.path.isdir(MULTI30K) and not smoke:
+    if os.path.isdir(MULTI30K) and not smoke and wanted("Multi30k"):
         data = multi30k_data(os.path.join(work, "multi30k"))
         yield "Multi30k transformer (3+3x256, V=8k)", data, {
             "dense": nmt_flags(30, DENSE), "rshare 10 %": nmt_flags(30, ["--rshare-ratio", "0.1"])}, None
     vocabulary, hidden, cap = (800_000, 1024, 16) if not smoke else (20_000, 64, 4)
+    if not wanted("1BW-sized"):
+        return
     data = synthetic_lm_data(os.path.join(work, "lm-big"), vocabulary, 256 * 4)
     yield f"1BW-sized LSTM LM (V={vocabulary:,}, 1x{hidden}), memory", data, {
         "dense": lm_flags(hidden, 1, 3, 256, DENSE),
@@ -193,11 +197,16 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=RESULTS, help="folder for training.json and training.md")
+    parser.add_argument("--case", action="append",
+                        help="run only the cases whose name contains this (PTB, WikiText-2, Multi30k, 1BW); repeatable")
     args = parser.parse_args()
     repeats = 1 if args.smoke else args.repeats
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for case, data, variants, cap in cases(args.smoke, work):
+        def wanted(name):
+            return not args.case or any(part in name for part in args.case)
+
+        for case, data, variants, cap in cases(args.smoke, work, wanted):
             runs = {variant: [] for variant in variants}
             for _ in range(1 if cap else repeats):
                 for variant, flags in variants.items():
