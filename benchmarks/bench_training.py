@@ -96,6 +96,8 @@ def train(data_bin, flags, save_dir, memory_cap_gb=None):
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     if status == 0 and speeds and os.path.exists(checkpoint):
         result.update(words_per_second=float(speeds[-1]), checkpoint_bytes=os.path.getsize(checkpoint))
+    elif "can't allocate memory" in text or "MemoryError" in text:
+        result.update(ok=False, error=f"out of memory under the {memory_cap_gb} GB address-space cap")
     else:
         result["ok"] = False
         result["error"] = next(

@@ -36,7 +36,7 @@ case $PRESET in
   cpu)
     MODEL="--arch rshare_lstm_lm_ptb_small"
     SCHEDULE="--optimizer adam --lr 0.003 --clip-norm 0.5 --max-tokens 2240 --max-epoch 2"
-    [ "$CORPUS" = wikitext2 ] && SCHEDULE="$SCHEDULE --max-update 500"
+    [ "$CORPUS" = wikitext2 ] && SCHEDULE="$SCHEDULE --max-update 300"
     DEFAULT_VARIANTS="dense rshare-0.1 rshare-0.01 rshare-0.1-input rshare-0.1-freq"
     [ "$CORPUS" = wikitext2 ] && DEFAULT_VARIANTS="dense rshare-0.1" ;;
   gpu)
