@@ -3,9 +3,13 @@
     python benchmarks/bench_layers.py                 # the full grid, ~15 min on 2 cores
     python benchmarks/bench_layers.py --smoke         # tiny sizes, seconds (what CI runs)
 
-Every (layer, V, H) case runs dense and rshare in turn inside one fresh process per variant
-(so that peak RSS belongs to that variant alone), repeated; the figures are medians and the
-ratio is dense/rshare from the same run.  Writes benchmarks/results/layers.json and .md.
+Every (layer, V, H) case runs its variants in turn, each inside a fresh process (so that peak
+RSS belongs to that variant alone), repeated; the figures are medians and the ratios are
+dense/rshare from the same run.  The output layer has two rshare variants: "rshare", the
+cross-entropy computed from the pool scores (RandomSharedOutput.loss, what training with
+--criterion rshare_cross_entropy runs), and "rshare-lprobs", the (tokens, V) log-probabilities
+then nll_loss (what fairseq's stock criteria, eval-lm and generation consume).
+Writes benchmarks/results/layers.json and .md.
 """
 import argparse
 import json
@@ -45,7 +49,9 @@ def measure(layer, variant, V, H, K, ratio, tokens, repeats):
         start = time.perf_counter()
         if layer == "output" and variant == "dense":
             F.cross_entropy(module(features), targets).backward()
-        elif layer == "output":  # the rshare layer returns log-probabilities already
+        elif layer == "output" and variant == "rshare":
+            module.loss(features, targets)[0].div(tokens).backward()
+        elif layer == "output":  # rshare-lprobs: the layer returns log-probabilities already
             F.nll_loss(module(features), targets).backward()
         else:
             module(targets).sum().backward()
@@ -81,15 +87,21 @@ def markdown(rows, meta):
         f"{meta['threads']} threads; K={meta['K']}, rshare table {meta['ratio']:.0%} of dense, "
         f"{meta['tokens']} tokens a batch, median of {meta['repeats']}.",
         "",
-        "| layer | V | H | dense ms | rshare ms | speed-up | dense peak RSS MB | rshare peak RSS MB | params dense / rshare |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Output layer: rshare = loss from the pool scores; log-probs = (tokens, V) log-probabilities, then NLL.",
+        "",
+        "| layer | V | H | dense ms | rshare ms | speed-up | log-probs ms | speed-up "
+        "| peak RSS MB dense / rshare / log-probs | params dense / rshare |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        d, s = r["dense"], r["rshare"]
+        d, s, lp = r["dense"], r["rshare"], r.get("rshare-lprobs")
         lines.append(
             f"| {r['layer']} | {r['V']:,} | {r['H']} | {d['seconds'] * 1e3:.1f} | {s['seconds'] * 1e3:.1f} "
-            f"| {d['seconds'] / s['seconds']:.2f}× | {d['peak_rss_mb']:.0f} | {s['peak_rss_mb']:.0f} "
-            f"| {d['params'] / s['params']:.0f}× |"
+            f"| {d['seconds'] / s['seconds']:.2f}× "
+            + (f"| {lp['seconds'] * 1e3:.1f} | {d['seconds'] / lp['seconds']:.2f}× " if lp else "| – | – ")
+            + f"| {d['peak_rss_mb']:.0f} / {s['peak_rss_mb']:.0f}"
+            + (f" / {lp['peak_rss_mb']:.0f} " if lp else " ")
+            + f"| {d['params'] / s['params']:.0f}× |"
         )
     return "\n".join(lines) + "\n"
 
@@ -120,7 +132,8 @@ def main():
     rows = []
     for layer, V, H in cases:
         row = {"layer": layer, "V": V, "H": H}
-        for variant in ("dense", "rshare"):
+        variants = ("dense", "rshare", "rshare-lprobs") if layer == "output" else ("dense", "rshare")
+        for variant in variants:
             row[variant] = run_case(layer, variant, V, H, args.subvectors, args.ratio, tokens, repeats)
         print(f"{layer} V={V} H={H}: dense {row['dense']['seconds'] * 1e3:.1f} ms, rshare "
               f"{row['rshare']['seconds'] * 1e3:.1f} ms ({row['dense']['seconds'] / row['rshare']['seconds']:.2f}×)",

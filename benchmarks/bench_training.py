@@ -74,8 +74,31 @@ def multi30k_data(folder):
     return os.path.join(folder, "data-bin")
 
 
-def train(data_bin, flags, save_dir, memory_cap_gb=None):
-    """One fairseq-train process: its words/s, peak RSS and checkpoint bytes (None when it failed)."""
+def evaluation_speed(kind, data_bin, save_dir, flags):
+    """Speed of the trained checkpoint: fairseq-eval-lm tokens/s (kind "lm") or beam-5
+    fairseq-generate sentences/s and tokens/s on the test set (kind "nmt")."""
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    common = [data_bin, "--user-dir", USER_DIR, "--cpu", "--path", checkpoint]
+    if kind == "lm":
+        command = [tool("fairseq-eval-lm"), *common, "--gen-subset", "valid", "--tokens-per-sample", "35",
+                   "--max-tokens", "2240", "--required-batch-size-multiple", "1"]
+        pattern, keys = r"Evaluated [\d,]+ tokens in [\d.]+s \(([\d.]+) tokens/s\)", ("eval_tokens_per_second",)
+    else:
+        command = [tool("fairseq-generate"), *common, "--gen-subset", "test", "--beam", "5", "--batch-size", "64",
+                   "--max-len-a", "1.2", "--max-len-b", "10", "--source-lang", "de", "--target-lang", "en"]
+        pattern = r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)"
+        keys = ("generate_sentences_per_second", "generate_tokens_per_second")
+    process = subprocess.run(command, capture_output=True, text=True)
+    found = re.findall(pattern, process.stdout + process.stderr)
+    if not found:
+        return {"evaluation_error": f"{os.path.basename(command[0])} printed no speed"}
+    values = found[-1] if isinstance(found[-1], tuple) else (found[-1],)
+    return dict(zip(keys, map(float, values)))
+
+
+def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None):
+    """One fairseq-train process: its words/s, peak RSS and checkpoint bytes (None when it failed),
+    then evaluation_speed(evaluate, ...) of its checkpoint when evaluate is "lm" or "nmt"."""
     shutil.rmtree(save_dir, ignore_errors=True)
     command = [tool("fairseq-train"), data_bin, "--user-dir", USER_DIR, "--cpu", "--seed", "1",
                "--required-batch-size-multiple", "1", "--disable-validation", "--save-dir", save_dir,
@@ -96,6 +119,8 @@ def train(data_bin, flags, save_dir, memory_cap_gb=None):
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     if status == 0 and speeds and os.path.exists(checkpoint):
         result.update(words_per_second=float(speeds[-1]), checkpoint_bytes=os.path.getsize(checkpoint))
+        if evaluate:
+            result.update(evaluation_speed(evaluate, data_bin, save_dir, flags))
     elif "can't allocate memory" in text or "MemoryError" in text:
         result.update(ok=False, error=f"out of memory under the {memory_cap_gb} GB address-space cap")
     else:
@@ -128,10 +153,12 @@ def nmt_flags(updates, variant_flags):
 
 
 DENSE = ["--rshare-tables", "none"]
+RSHARE = ["--criterion", "rshare_cross_entropy"]  # the loss from the pool scores (see README)
 
 
 def cases(smoke, work, wanted=lambda name: True):
-    """(name, data_bin, variants {name: flags}, memory cap GB or None) for every wanted case."""
+    """(name, data_bin, variants {name: flags}, memory cap GB or None, evaluation kind or None)
+    for every wanted case."""
     updates = 3 if smoke else 40
     shapes = [("PTB shape (V=10k, 2x200)", 10_000), ("WikiText-2 shape (V=33k, 2x200)", 33_278)]
     if smoke:
@@ -141,24 +168,24 @@ def cases(smoke, work, wanted=lambda name: True):
         if not wanted(name):
             continue
         data = synthetic_lm_data(os.path.join(work, f"lm{vocabulary}"), vocabulary, 2240 * updates + 5000)
-        variants = {"dense": DENSE, "rshare 1 %": ["--rshare-ratio", "0.01"]}
+        variants = {"dense": DENSE, "rshare 1 %": ["--rshare-ratio", "0.01", *RSHARE]}
         if index == 0:
             for per_position in (2000, 200) if not smoke else (20,):
                 for path in ("pool-scores", "materialize"):
                     variants[f"rshare {per_position}/position, {path}"] = [
-                        "--rshare-pool-size", str(8 * per_position), "--rshare-output-path", path]
-        yield name, data, {v: lm_flags(hidden, 2, updates, 2240, f) for v, f in variants.items()}, None
+                        "--rshare-pool-size", str(8 * per_position), "--rshare-output-path", path, *RSHARE]
+        yield name, data, {v: lm_flags(hidden, 2, updates, 2240, f) for v, f in variants.items()}, None, "lm"
     if os.path.isdir(MULTI30K) and not smoke and wanted("Multi30k"):
         data = multi30k_data(os.path.join(work, "multi30k"))
         yield "Multi30k transformer (3+3x256, V=8k)", data, {
-            "dense": nmt_flags(30, DENSE), "rshare 10 %": nmt_flags(30, ["--rshare-ratio", "0.1"])}, None
+            "dense": nmt_flags(30, DENSE), "rshare 10 %": nmt_flags(30, ["--rshare-ratio", "0.1", *RSHARE])}, None, "nmt"
     vocabulary, hidden, cap = (800_000, 1024, 16) if not smoke else (20_000, 64, 4)
     if not wanted("1BW-sized"):
         return
     data = synthetic_lm_data(os.path.join(work, "lm-big"), vocabulary, 256 * 4)
     yield f"1BW-sized LSTM LM (V={vocabulary:,}, 1x{hidden}), memory", data, {
         "dense": lm_flags(hidden, 1, 3, 256, DENSE),
-        "rshare 1 %": lm_flags(hidden, 1, 3, 256, ["--rshare-ratio", "0.01"])}, cap
+        "rshare 1 %": lm_flags(hidden, 1, 3, 256, ["--rshare-ratio", "0.01", *RSHARE])}, cap, None
 
 
 def markdown(rows, meta):
@@ -166,23 +193,34 @@ def markdown(rows, meta):
         f"Measured {meta['date']} on {meta['machine']}, torch {meta['torch']}; median of "
         f"{meta['repeats']} interleaved runs (memory case: one run each).",
         "",
-        "| case | run | words/s | speed vs dense | peak RSS MB | checkpoint MB | checkpoint vs dense |",
-        "|---|---|---|---|---|---|---|",
+        "Evaluation: fairseq-eval-lm tokens/s (LMs), beam-5 fairseq-generate sentences/s (NMT), "
+        "of the checkpoint each run saved.",
+        "",
+        "| case | run | words/s | speed vs dense | peak RSS MB | checkpoint MB | checkpoint vs dense "
+        "| evaluation | evaluation vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         dense = row["runs"]["dense"]
         for variant, run in row["runs"].items():
             if not run["ok"]:
-                lines.append(f"| {row['case']} | {variant} | failed: {run['error']} | | {run['peak_rss_mb']:,} | | |")
+                lines.append(f"| {row['case']} | {variant} | failed: {run['error']} | | {run['peak_rss_mb']:,} | | | | |")
                 continue
-            speed = size = "–"
+            speed = size = evaluation_ratio = "–"
+            evaluation = next((f"{run[key]:,.1f} {unit}" for key, unit in EVALUATION_SPEEDS.items() if key in run), "–")
             if dense["ok"] and variant != "dense":
                 speed = f"{run['words_per_second'] / dense['words_per_second']:.2f}×"
                 size = f"{dense['checkpoint_bytes'] / run['checkpoint_bytes']:.1f}× smaller"
+                evaluation_ratio = next((f"{run[key] / dense[key]:.2f}×" for key in EVALUATION_SPEEDS
+                                         if key in run and key in dense), "–")
             lines.append(
                 f"| {row['case']} | {variant} | {run['words_per_second']:,.0f} | {speed} "
-                f"| {run['peak_rss_mb']:,} | {run['checkpoint_bytes'] / 1e6:.1f} | {size} |")
+                f"| {run['peak_rss_mb']:,} | {run['checkpoint_bytes'] / 1e6:.1f} | {size} "
+                f"| {evaluation} | {evaluation_ratio} |")
     return "\n".join(lines) + "\n"
+
+
+EVALUATION_SPEEDS = {"eval_tokens_per_second": "tokens/s", "generate_sentences_per_second": "sentences/s"}
 
 
 def median_run(runs):
@@ -190,8 +228,10 @@ def median_run(runs):
     if not ok:
         return runs[-1]
     middle = sorted(ok, key=lambda r: r["words_per_second"])[len(ok) // 2]
-    return {**middle, "words_per_second": statistics.median(r["words_per_second"] for r in ok),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
+    speeds = {key: statistics.median(r[key] for r in ok if key in r)
+              for key in ("words_per_second", *EVALUATION_SPEEDS, "generate_tokens_per_second")
+              if any(key in r for r in ok)}
+    return {**middle, **speeds, "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
 
 
 def main():
@@ -208,11 +248,11 @@ def main():
         def wanted(name):
             return not args.case or any(part in name for part in args.case)
 
-        for case, data, variants, cap in cases(args.smoke, work, wanted):
+        for case, data, variants, cap, evaluate in cases(args.smoke, work, wanted):
             runs = {variant: [] for variant in variants}
             for _ in range(1 if cap else repeats):
                 for variant, flags in variants.items():
-                    runs[variant].append(train(data, flags, os.path.join(work, "save"), cap))
+                    runs[variant].append(train(data, flags, os.path.join(work, "save"), cap, evaluate))
             row = {"case": case, "runs": {v: median_run(r) for v, r in runs.items()}}
             for variant, run in row["runs"].items():
                 print(f"{case} | {variant}: " + (f"{run['words_per_second']:,.0f} words/s" if run["ok"]

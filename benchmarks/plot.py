@@ -17,7 +17,10 @@ def plot_layers(layers, path):
         for H in sorted({r["H"] for r in layers["rows"] if r["layer"] == layer}):
             rows = sorted((r for r in layers["rows"] if r["layer"] == layer and r["H"] == H), key=lambda r: r["V"])
             axis.plot([r["V"] for r in rows], [r["dense"]["seconds"] / r["rshare"]["seconds"] for r in rows],
-                      marker="o", label=f"{layer} layer, H={H}")
+                      marker="o", label=f"{layer} layer, H={H}" + (" (loss)" if layer == "output" else ""))
+            if layer == "output":
+                axis.plot([r["V"] for r in rows], [r["dense"]["seconds"] / r["rshare-lprobs"]["seconds"] for r in rows],
+                          marker="x", linestyle="--", label=f"output layer, H={H} (log-probs)")
     axis.axhline(1.0, color="gray", linewidth=0.8)
     axis.set(xscale="log", yscale="log", xlabel="vocabulary V", ylabel="speed-up over dense (fwd+bwd)",
              title=f"rshare layers at {layers['meta']['ratio']:.0%} of dense, K={layers['meta']['K']}")

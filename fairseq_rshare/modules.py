@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import extension, log_softmax_of_bags
+from .fused import extension, log_softmax_of_bags, logsumexp_of_bags
 from .mapping import POOL_KINDS, fingerprint, make_mapping
 
 
@@ -178,7 +178,8 @@ class RandomSharedOutput(nn.Module):
     - pool-scores: the V x H matrix is never built.  Each token's K slices h_k are scored
       against the pool entries they can meet (R scores: M for per-position pools, K*M for a
       global pool), then each word sums its K scores: O(R*H/K + V*K) per token instead of
-      O(V*H).  The sums and the log-softmax are fused (see fused.py).
+      O(V*H).  The sums and the log-softmax are fused (see fused.py), and :meth:`loss`
+      (the ``rshare_cross_entropy`` criterion) never builds tokens x V at all.
     - materialize: build the V x H matrix from the pool once a batch and multiply, as dense.
       Faster when H/K is small or the pool is large (every score is a gather, and a dense
       matmul multiply-add is ~GATHER_COST times cheaper).
@@ -198,6 +199,9 @@ class RandomSharedOutput(nn.Module):
         else:
             bags = table.mapping + torch.arange(K) * M
         self.register_buffer("bags", bags.to(torch.int32).contiguous(), persistent=False)
+        slot_uses = torch.bincount(self.bags.flatten().long(), minlength=K * M if table.pool_kind == "global" else M)
+        self.register_buffer("slot_uses", slot_uses, persistent=False)
+        self._weight, self._weight_version = None, None
         self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
         if path == "auto":
             scores_per_token = M if table.pool_kind == "position" else K * M
@@ -210,8 +214,12 @@ class RandomSharedOutput(nn.Module):
     def forward(self, features):
         if self.path == "materialize":
             return self.materialized_forward(features)
+        lprobs = log_softmax_of_bags(self.pool_scores(features), self.bags, self.bias)
+        return lprobs.reshape(*features.shape[:-1], -1)
+
+    def pool_scores(self, features):
+        """(tokens, R) scores of each token's K slices against the pool entries they can meet."""
         K, M = self.table.num_subvectors, self.table.pool_size
-        lead = features.shape[:-1]
         slices = features.reshape(-1, K, features.shape[-1] // K).transpose(0, 1)
         if self.table.pool_kind == "position":
             pools = self.table.pool.view(K, M // K, -1)
@@ -219,14 +227,53 @@ class RandomSharedOutput(nn.Module):
         else:
             scores = torch.matmul(slices, self.table.pool.t())
         scores = scores.transpose(0, 1).reshape(slices.shape[1], -1)
-        if scores.dtype != torch.float64:
-            scores = scores.float()
-        return log_softmax_of_bags(scores, self.bags, self.bias).reshape(*lead, -1)
+        return scores if scores.dtype == torch.float64 else scores.float()
+
+    def loss(self, features, target, label_smoothing=0.0, ignore_index=None):
+        """Summed (label-smoothed) cross-entropy and summed NLL, as fairseq's
+        ``label_smoothed_nll_loss`` computes them from log-probabilities, but from the pool
+        scores: -log p(target) = logsumexp - logit(target), and the smoothing term needs only
+        the sum of all logits, sum_w logit(w) = sum_r (uses of score r) * score r.  Nothing of
+        size tokens x V is built, in the forward or the backward.
+        """
+        scores = self.pool_scores(features)
+        target = target.reshape(-1)
+        logsumexp = logsumexp_of_bags(scores, self.bags, self.bias)
+        target_logit = scores.gather(1, self.bags[target].long()).sum(1)
+        if self.bias is not None:
+            target_logit = target_logit + self.bias[target]
+        nll = logsumexp - target_logit
+        keep = target.ne(ignore_index) if ignore_index is not None else torch.ones_like(nll, dtype=torch.bool)
+        nll_loss = nll.masked_fill(~keep, 0.0).sum()
+        if not label_smoothing:
+            return nll_loss, nll_loss
+        V = self.table.num_embeddings
+        logit_sum = scores @ self.slot_uses.to(scores.dtype)
+        if self.bias is not None:
+            logit_sum = logit_sum + self.bias.sum()
+        smooth_loss = (V * logsumexp - logit_sum).masked_fill(~keep, 0.0).sum()
+        eps_i = label_smoothing / (V - 1)
+        return (1.0 - label_smoothing - eps_i) * nll_loss + eps_i * smooth_loss, nll_loss
 
     def materialized_forward(self, features):
         """Log-probabilities through the V x H matrix built from the pool."""
-        logits = F.linear(features, self.table.materialized_weight(), self.bias)
+        logits = F.linear(features, self.materialized_weight(), self.bias)
         return F.log_softmax(logits, dim=-1, dtype=torch.float32 if logits.dtype != torch.float64 else None)
+
+    def materialized_weight(self):
+        """The V x H matrix, rebuilt for every training call; in eval mode under no_grad
+        (generation, eval-lm) it is kept until the pool changes, not rebuilt every step."""
+        if self.training or torch.is_grad_enabled():
+            return self.table.materialized_weight()
+        pool = self.table.pool
+        version = (pool.data_ptr(), pool._version, pool.dtype)
+        if self._weight_version != version:
+            self._weight, self._weight_version = self.table.materialized_weight(), version
+        return self._weight
+
+    def train(self, mode=True):
+        self._weight = self._weight_version = None  # training keeps no V x H copy around
+        return super().train(mode)
 
     def extra_repr(self):
         return f"path={self.path}, bias={self.bias is not None}"

@@ -155,6 +155,7 @@ def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
 def reject_adaptive_softmax(args):
     if getattr(args, "criterion", None) == "adaptive_loss":
         raise RShareConfigError(
-            "rshare architectures have no adaptive softmax: use --criterion cross_entropy"
+            "rshare architectures have no adaptive softmax: use --criterion cross_entropy "
+            "(or rshare_cross_entropy, which never builds tokens x V log-probabilities)"
         )
     args.adaptive_softmax_cutoff = None

@@ -71,6 +71,14 @@ class RShareLSTMModel(LSTMModel):
         )
         return cls(encoder, decoder)
 
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, incremental_state=None, features_only=False):
+        """LSTMModel.forward, plus features_only (for the rshare_cross_entropy criterion)."""
+        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
+        return self.decoder(
+            prev_output_tokens, encoder_out=encoder_out, incremental_state=incremental_state,
+            features_only=features_only,
+        )
+
 
 @register_model_architecture("rshare_lstm", "rshare_lstm")
 def rshare_lstm_architecture(args):

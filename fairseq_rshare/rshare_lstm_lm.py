@@ -27,6 +27,13 @@ class RShareLSTMDecoder(SkipRenormalizationMixin, LSTMDecoder):
         )
         self.output_projection = output_projection
 
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, src_lengths=None,
+                features_only=False):
+        """LSTMDecoder.forward, plus features_only (as fairseq's transformer decoder has it)."""
+        if features_only:
+            return self.extract_features(prev_output_tokens, encoder_out, incremental_state)
+        return super().forward(prev_output_tokens, encoder_out, incremental_state, src_lengths)
+
     def output_layer(self, x):
         if self.output_projection is None:
             return super().output_layer(x)

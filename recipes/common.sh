@@ -13,6 +13,8 @@ require_tools() {
 
 # variant_flags NAME WORDS: the --rshare-* flags of a run; WORDS is the dictionary size (for
 # -freq). INPUT_TABLES lists the model's input tables, empty when they are tied to the output.
+# rshare runs train with --criterion rshare_cross_entropy (the same loss, computed from the
+# pool scores); dense runs keep fairseq's own criterion.
 variant_flags() {
   local name=$1 words=$2 prefix ratio mode
   if [ "$name" = dense ]; then echo "--rshare-tables none"; return; fi
@@ -20,11 +22,12 @@ variant_flags() {
   [ "$prefix" = rshare ] && [[ $ratio =~ ^0?\.[0-9]+$ ]] \
     || die "variant '$name': use dense, rshare-R, rshare-R-input or rshare-R-freq (0 < R < 1)"
   case ${mode:-} in
-    "") echo "--rshare-ratio $ratio" ;;
+    "") echo "--rshare-ratio $ratio --criterion rshare_cross_entropy" ;;
     input)
       [ -n "$INPUT_TABLES" ] || die "variant '$name': -input needs untied tables (this recipe ties them all)"
       echo "--rshare-ratio $ratio --rshare-tables $INPUT_TABLES" ;;
-    freq) echo "--rshare-ratio $ratio --rshare-frequent-words $(awk "BEGIN { print int($ratio * $words / 2) }")" ;;
+    freq) echo "--rshare-ratio $ratio --criterion rshare_cross_entropy" \
+            "--rshare-frequent-words $(awk "BEGIN { print int($ratio * $words / 2) }")" ;;
     *) die "variant '$name': unknown suffix '$mode' (use -input or -freq)" ;;
   esac
 }

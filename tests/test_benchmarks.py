@@ -24,10 +24,12 @@ def test_every_benchmark_runs_from_one_command_in_smoke_mode(tmp_path):
     for case in {case for case, _ in runs}:
         assert runs[(case, "rshare 1 %")]["checkpoint_bytes"] < runs[(case, "dense")]["checkpoint_bytes"]
     assert any("materialize" in variant for _, variant in runs)
+    for (case, variant), run in runs.items():  # the LM runs also time fairseq-eval-lm
+        assert ("eval_tokens_per_second" in run) == ("1BW" not in case), (case, variant, run)
     layers = json.loads((tmp_path / "layers.json").read_text())["rows"]
     assert {row["layer"] for row in layers} == {"output", "input"}
     for row in layers:
-        for variant in ("dense", "rshare"):
+        for variant in ("dense", "rshare") + (("rshare-lprobs",) if row["layer"] == "output" else ()):
             assert math.isfinite(row[variant]["seconds"]) and row[variant]["seconds"] > 0
             assert row[variant]["peak_rss_mb"] > 0
         assert row["dense"]["params"] == row["V"] * row["H"]

@@ -156,6 +156,32 @@ def test_hub_interface_translates(trained, nmt_data):
     assert isinstance(translation, str) and translation.strip()
 
 
+FUSED_LOSS_CASES = {
+    "lstm_lm": (lm_task(), LM_CASES["lstm_lm"], "0"),
+    "transformer_lm": (lm_task(), LM_CASES["transformer_lm"], "0"),
+    "lstm_share_all": (NMT_TASK, NMT_CASES["lstm_share_all"], "0.1"),
+    "transformer": (NMT_TASK, NMT_CASES["transformer"], "0.1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_LOSS_CASES))
+def test_rshare_cross_entropy_trains_as_label_smoothed_cross_entropy(case, lm_data, nmt_data, tmp_path):
+    """Same seed, same updates: the criterion that never builds tokens x V log-probabilities
+    logs the losses fairseq's own criterion logs."""
+    task, flags, smoothing = FUSED_LOSS_CASES[case]
+    data = lm_data if task[1] == "language_modeling" else nmt_data
+    losses = []
+    for criterion in ("label_smoothed_cross_entropy", "rshare_cross_entropy"):
+        result = train(data, tmp_path / criterion, task, flags, max_update=4, extra=(
+            "--rshare-output-path", "pool-scores", "--criterion", criterion,
+            "--label-smoothing", smoothing, "--log-interval", "1", "--disable-validation"))
+        log = result.stdout + result.stderr
+        losses.append([float(x) for x in re.findall(r"\| train_inner \|.*? loss=([\d.]+)", log)])
+    assert "rshare_cross_entropy: loss from the pool scores" in log
+    assert len(losses[0]) == 4
+    assert losses[0] == pytest.approx(losses[1], abs=2e-3)
+
+
 def test_model_overrides_that_change_the_mapping_fail_clearly(trained, lm_data):
     checkpoint = trained("lstm_lm") / "checkpoint_last.pt"
     result = fairseq("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", checkpoint,

@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
-from fairseq_rshare.fused import extension, log_softmax_of_bags, stock_log_softmax_of_bags
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from fairseq_rshare.fused import extension, log_softmax_of_bags, logsumexp_of_bags, stock_logits_of_bags
 from fairseq_rshare.mapping import fingerprint, make_mapping
 from fairseq_rshare.modules import pool_scores_is_cheaper
 
@@ -147,19 +149,65 @@ def test_unknown_output_path_names_the_flag():
 
 @pytest.mark.parametrize("kind", ["position", "global"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_kernel_matches_stock_ops_in_float32(kind, bias):
-    assert extension() is not None, "the fused kernel did not compile"
+def test_fused_kernels_match_stock_ops_in_float32(kind, bias):
+    assert extension() is not None, "the fused kernels did not compile"
     output = make_output(V=3001, H=64, K=8, M=400, kind=kind, bias=bias).float()
-    columns = int(output.bags.max()) + 1
-    scores = torch.randn(37, columns, requires_grad=True)
+    scores = torch.randn(37, output.slot_uses.numel(), requires_grad=True)  # 37: not a whole tile
     targets = torch.randint(3001, (37,))
+    weights = torch.rand(37)
+    params = [scores] + ([output.bias] if bias else [])
+    fused = [
+        (lprobs := log_softmax_of_bags(scores, output.bags, output.bias),
+         *torch.autograd.grad(F.nll_loss(lprobs, targets), params)),
+        (lse := logsumexp_of_bags(scores, output.bags, output.bias),
+         *torch.autograd.grad((lse * weights).sum(), params)),
+    ]
+    def logits():
+        return stock_logits_of_bags(scores, output.bags, output.bias)
+
+    stock = [
+        (lprobs := F.log_softmax(logits(), -1), *torch.autograd.grad(F.nll_loss(lprobs, targets), params)),
+        (lse := torch.logsumexp(logits(), -1), *torch.autograd.grad((lse * weights).sum(), params)),
+    ]
+    for fused_results, stock_results in zip(fused, stock):
+        for a, b in zip(fused_results, stock_results):
+            assert torch.allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # stock ops, fused kernels
+@pytest.mark.parametrize("kind,bias", [("position", False), ("global", True)])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_loss_equals_fairseq_label_smoothed_loss_over_log_probs(dtype, kind, bias, label_smoothing):
+    output = make_output(V=501, H=32, K=4, M=80, kind=kind, bias=bias).to(dtype)
+    features = torch.randn(3, 7, 32, dtype=dtype, requires_grad=True)
+    targets = torch.randint(501, (3, 7))
+    targets[0, -2:] = 1  # padding: no loss, no gradient
     results = []
-    for compute in (log_softmax_of_bags, stock_log_softmax_of_bags):
-        lprobs = compute(scores, output.bags, output.bias)
-        params = [scores] + ([output.bias] if bias else [])
-        results.append((lprobs, *torch.autograd.grad(F.nll_loss(lprobs, targets), params)))
-    for fused, stock in zip(*results):
-        assert torch.allclose(fused, stock, atol=2e-5, rtol=1e-5)
+    for fused in (True, False):
+        output.zero_grad()
+        if fused:
+            loss, nll = output.loss(features, targets, label_smoothing, ignore_index=1)
+        else:
+            lprobs = output.materialized_forward(features).reshape(-1, 501)
+            loss, nll = label_smoothed_nll_loss(lprobs, targets.reshape(-1), label_smoothing, ignore_index=1)
+        grads = torch.autograd.grad(loss, [features, output.table.pool] + ([output.bias] if bias else []))
+        results.append((loss, nll, *grads))
+    tolerance = 1e-9 if dtype == torch.float64 else 2e-4
+    for fast, reference in zip(*results):
+        assert torch.allclose(fast, reference, atol=tolerance, rtol=tolerance)
+
+
+def test_eval_mode_reuses_the_materialized_matrix_until_the_pool_changes():
+    output = make_output(path="materialize").eval()
+    features = torch.randn(2, 12, dtype=torch.float64)
+    with torch.no_grad():
+        first = output(features)
+        assert output.materialized_weight() is output.materialized_weight()
+        output.table.pool.mul_(2.0)
+        assert not torch.allclose(output(features), first)
+        assert torch.allclose(output(features), output.materialized_forward(features))
+    output.train()
+    assert output._weight is None
 
 
 def test_embedding_concatenates_pool_rows_and_zeroes_padding():

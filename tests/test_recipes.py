@@ -178,6 +178,7 @@ def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
     assert rshare["embedding_softmax_params"] < 0.15 * results["dense"]["embedding_softmax_params"]
     if corpus == "ptb":
         assert "--rshare-frequent-words 500" in rshare["command"]
+    assert "--criterion rshare_cross_entropy" in rshare["command"]
     table = tabulate(tmp_path / "work/results", tmp_path)
     assert f"| {corpus} | smoke | {variants[1]} | test ppl | {rshare['test_ppl']:.2f} |" in table
 

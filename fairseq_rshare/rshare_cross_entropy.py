@@ -1,0 +1,54 @@
+"""rshare_cross_entropy: fairseq's label-smoothed cross-entropy, computed from the pool scores."""
+import logging
+
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+
+from .modules import RandomSharedOutput
+
+logger = logging.getLogger(__name__)
+
+
+@register_criterion("rshare_cross_entropy", dataclass=LabelSmoothedCrossEntropyCriterionConfig)
+class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
+    """``label_smoothed_cross_entropy`` (``--label-smoothing`` 0 by default: plain cross-entropy,
+    perplexity reported from nll_loss) that, for a model whose output layer takes the
+    pool-scores path, asks the decoder for its features and lets the output layer compute the
+    loss (``RandomSharedOutput.loss``): no tokens x V log-probabilities, forward or backward.
+    Other models, ``--report-accuracy`` (an argmax over V) and unreduced losses take the
+    parent's path, with the same values.
+    """
+
+    announced = False  # which path the loss takes is logged once
+
+    def forward(self, model, sample, reduce=True):
+        output = getattr(model.decoder, "output_projection", None)
+        fused = isinstance(output, RandomSharedOutput) and output.path == "pool-scores"
+        fused = fused and not self.report_accuracy and reduce
+        if not self.announced:
+            self.announced = True
+            logger.info(
+                "rshare_cross_entropy: loss from the pool scores" if fused else
+                "rshare_cross_entropy: loss from log-probabilities (no pool-scores output layer, "
+                "--report-accuracy or an unreduced loss)"
+            )
+        if not fused:
+            return super().forward(model, sample, reduce)
+        features, _ = model(**sample["net_input"], features_only=True)
+        target = model.get_targets(sample, None)
+        if self.ignore_prefix_size > 0:
+            features = features[:, self.ignore_prefix_size :]
+            target = target[:, self.ignore_prefix_size :]
+        loss, nll_loss = output.loss(features, target, self.eps, ignore_index=self.padding_idx)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        return loss, sample_size, logging_output
