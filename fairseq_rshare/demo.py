@@ -161,7 +161,8 @@ def main(argv=None):
     results = []
     for name, flags in [
         ("dense", ["--rshare-tables", "none"]),
-        ("rshare", ["--rshare-ratio", str(args.ratio), "--rshare-subvectors", "8"]),
+        ("rshare", ["--rshare-ratio", str(args.ratio), "--rshare-subvectors", "8",
+                    "--criterion", "rshare_cross_entropy"]),
     ]:
         print(f"training {name} for {args.minutes:g} min ...", flush=True)
         results.append(train_and_evaluate(name, flags, data_bin, args.work_dir, args.minutes, args.hidden))

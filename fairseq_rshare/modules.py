@@ -155,20 +155,23 @@ class RandomSharedEmbedding(nn.Module):
 
 OUTPUT_PATHS = ("auto", "pool-scores", "materialize")
 
-# The cost of one gathered score (plus its share of the exp and the backward scatter) in
-# multiply-adds of a dense matmul, fitted to benchmarks/bench_layers.py on 2 CPU cores:
-# V=10k, H=512 and H=1024, K=8 at 1 % run 1.5x and 2.7x faster than dense, as this predicts.
-GATHER_COST = 40
+# What one pool score and one gathered word score cost, in multiply-adds of a dense matmul
+# (forward + backward, loss included), fitted on 2 CPU cores to the fused kernels: at V=10k,
+# H=200, K=8 pool-scores runs 2.7x faster than materialize with 200 entries per position and
+# 1.6x slower with 2000 (the pool-scores matmul has an inner dimension of only H/K, and a
+# large score table falls out of cache), as this predicts.
+SCORE_COST = 7
 
 
 def pool_scores_is_cheaper(num_words, embed_dim, num_subvectors, scores_per_token):
     """Cost model: the pool-scores path beats multiplying by the materialised V x H matrix.
 
     Per token, pool scores cost (scores per token) * H/K multiply-adds plus V*K gathered
-    scores; the materialised matrix costs V*H multiply-adds (building it is once a batch).
+    scores, each about SCORE_COST dense multiply-adds; the materialised matrix costs V*H
+    multiply-adds (building it is once a batch).
     """
     V, H, K = num_words, embed_dim, num_subvectors
-    return scores_per_token * H / K + GATHER_COST * V * K < V * H
+    return SCORE_COST * (scores_per_token * H / K + V * K) < V * H
 
 
 class RandomSharedOutput(nn.Module):
@@ -181,8 +184,8 @@ class RandomSharedOutput(nn.Module):
       O(V*H).  The sums and the log-softmax are fused (see fused.py), and :meth:`loss`
       (the ``rshare_cross_entropy`` criterion) never builds tokens x V at all.
     - materialize: build the V x H matrix from the pool once a batch and multiply, as dense.
-      Faster when H/K is small or the pool is large (every score is a gather, and a dense
-      matmul multiply-add is ~GATHER_COST times cheaper).
+      Faster when H/K is small or the pool is large (a dense matmul multiply-add is about
+      SCORE_COST times cheaper than a pool score or a gathered score).
     ``path="auto"`` picks by :func:`pool_scores_is_cheaper`, a pure function of the shape, so
     every rank and every reload takes the same path.  Forward returns log-probabilities;
     they are normalised logits, and fairseq's own log-softmax over them changes nothing.
