@@ -1,21 +1,24 @@
-"""Whole fairseq training, dense against rshare: words/s, peak RSS and checkpoint bytes.
+"""Whole fairseq training, dense against rshare: words/s, peak RSS, checkpoint bytes, and the
+evaluation speed of the saved checkpoint (fairseq-eval-lm, or beam-5 fairseq-generate).
 
-    python benchmarks/bench_training.py             # every case, ~40 min on 2 cores
+    python benchmarks/bench_training.py             # every case, ~45 min on 2 cores
     python benchmarks/bench_training.py --smoke     # tiny sizes, a minute (what CI runs)
 
 Every run is a real `fairseq-train` process (words/s from fairseq's own log, peak RSS of
 that process, the size of the checkpoint it saves), repeated with the variants interleaved;
 figures are medians and ratios are rshare over dense from the same run.  Cases:
 - LSTM LMs on PTB- and WikiText-2-shaped data (V=10k and 33k, 2x200, synthetic Zipfian ids):
-  dense, rshare at 1 % (path chosen by the cost model), and the two regimes of the output
+  dense, rshare at 1 % (path chosen by the cost model; rshare runs train with
+  --criterion rshare_cross_entropy, dense ones with fairseq's own), and the two regimes of the output
   path at V=10k (2000 and 200 pool entries per position, each path forced);
 - the transformer NMT on Multi30k de-en (needs ../shared/data/multi30k; prepared with
   recipes/translation.sh), dense against rshare at 10 %;
 - a One-Billion-Word-sized LSTM LM (V=800k, H=1024, one layer), a few updates: rshare, and
   dense under an address-space cap that keeps the shared machine safe.
-Writes benchmarks/results/training.json and .md.
+Writes benchmarks/results/training.json and .md (a --case run replaces only its own cases).
 """
 import argparse
+import json
 import os
 import platform
 import re
@@ -260,7 +263,21 @@ def main():
             rows.append(row)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "torch": __import__("torch").__version__, "repeats": repeats}
+    if args.case:
+        rows = with_earlier_cases(args.out, rows)
     save_results(args.out, "training", meta, rows, markdown(rows, meta))
+
+
+def with_earlier_cases(folder, rows):
+    """rows, after the rows of other cases already in folder/training.json (a --case run
+    replaces its own cases and keeps the rest)."""
+    path = os.path.join(folder, "training.json")
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        earlier = json.load(f)["rows"]
+    measured = {row["case"] for row in rows}
+    return [row for row in earlier if row["case"] not in measured] + rows
 
 
 if __name__ == "__main__":

@@ -96,7 +96,11 @@ def train_and_evaluate(name, model_flags, data_bin, work_dir, minutes, hidden):
         os.path.join(work_dir, f"{name}.train.log"),
         prefix=name,
     )
-    words_per_second = re.findall(r"\| train \| epoch .*?\| wps ([\d.]+)", train_log)
+    # Words/s over the whole run: each epoch's wps weighted by its training time (the last epoch,
+    # cut short by --stop-time-hours, may be a single update).
+    epochs = [(float(wps), float(seconds)) for wps, seconds in re.findall(
+        r"\| train \| epoch .*?\| wps ([\d.]+) .*?\| train_wall ([\d.]+)", train_log)]
+    words_per_second = sum(wps * seconds for wps, seconds in epochs) / max(sum(s for _, s in epochs), 1e-9)
     checkpoint = os.path.join(save_dir, "checkpoint_best.pt")
     eval_log = run(
         [
@@ -112,7 +116,7 @@ def train_and_evaluate(name, model_flags, data_bin, work_dir, minutes, hidden):
         "test_ppl": perplexity,
         "params": parameters_by_component(checkpoint),
         "checkpoint_bytes": os.path.getsize(checkpoint),
-        "words_per_second": float(words_per_second[-1]),
+        "words_per_second": words_per_second,
     }
 
 
