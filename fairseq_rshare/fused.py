@@ -63,7 +63,8 @@ static void chunk_logits(const Bags& b, const float* tile, int64_t v0, int64_t C
 
 // dtile[slot * TILE + t] += dy[j * TILE + t] for every slot of word v0 + j; dbias[v] += sum_t.
 // Position by position: slot k of every word lies in block k of the R columns, so each pass
-// writes into one block, which stays in L1 where the whole dtile would not.
+// writes into one block of R/K x TILE floats, which stays in L1 up to ~1000 entries per
+// position where the whole dtile would not (beyond that the scatter dominates the backward).
 static void chunk_scatter(const Bags& b, const float* dy, int64_t v0, int64_t C, float* dtile, float* dbias) {
   for (int64_t k = 0; k < b.K; ++k) {
     const int32_t* slots = b.slots + v0 * b.K + k;

@@ -25,7 +25,7 @@ class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     announced = False  # which path the loss takes is logged once
 
     def forward(self, model, sample, reduce=True):
-        output = getattr(model.decoder, "output_projection", None)
+        output = getattr(getattr(model, "decoder", None), "output_projection", None)
         fused = isinstance(output, RandomSharedOutput) and output.path == "pool-scores"
         fused = fused and not self.report_accuracy and reduce
         if not self.announced:

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
+from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
 from fairseq_rshare.fused import extension, log_softmax_of_bags, logsumexp_of_bags, stock_logits_of_bags
 from fairseq_rshare.mapping import fingerprint, make_mapping
 from fairseq_rshare.modules import pool_scores_is_cheaper
@@ -162,6 +162,7 @@ def test_fused_kernels_match_stock_ops_in_float32(kind, bias):
         (lse := logsumexp_of_bags(scores, output.bags, output.bias),
          *torch.autograd.grad((lse * weights).sum(), params)),
     ]
+
     def logits():
         return stock_logits_of_bags(scores, output.bags, output.bias)
 
@@ -184,7 +185,6 @@ def test_loss_equals_fairseq_label_smoothed_loss_over_log_probs(dtype, kind, bia
     targets[0, -2:] = 1  # padding: no loss, no gradient
     results = []
     for fused in (True, False):
-        output.zero_grad()
         if fused:
             loss, nll = output.loss(features, targets, label_smoothing, ignore_index=1)
         else:
