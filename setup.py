@@ -1,13 +1,27 @@
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# What the recipes, results table and benchmarks import; sacrebleu >= 2 for its JSON output.
+RECIPES = ["sentencepiece", "matplotlib", "sacrebleu>=2"]
+# Converting an exported translation model for fast CPU inference.
+EXPORT = ["ctranslate2"]
 
 setup(
     name="fairseq-rshare",
     version="0.1.0",
     description="Random parameter sharing for fairseq embeddings and softmax layers (Li et al., AAAI 2018)",
     license="MIT",
-    packages=["fairseq_rshare"],
+    packages=find_packages(include=["fairseq_rshare", "fairseq_rshare.*"]),
     python_requires=">=3.8",
     install_requires=["ve-fairseq==0.12.3", "torch>=2.6", "numpy", "ninja"],
-    extras_require={"test": ["pytest>=7", "hypothesis"]},
-    entry_points={"console_scripts": ["fairseq-rshare-demo=fairseq_rshare.demo:main"]},
+    extras_require={
+        "recipes": RECIPES,
+        "export": EXPORT,
+        "test": ["pytest>=7", "hypothesis"] + RECIPES + EXPORT,
+    },
+    entry_points={
+        "console_scripts": [
+            "fairseq-rshare-demo=fairseq_rshare.demo:main",
+            "fairseq-rshare-export=fairseq_rshare.export:main",
+        ]
+    },
 )

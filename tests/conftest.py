@@ -10,9 +10,12 @@ SHARED_DATA = os.environ.get("RSHARE_DATA", os.path.join(REPO, "..", "shared", "
 
 
 def shared_corpus(name):
-    """Path of a corpus in ../shared/data, or skip the test when it is not there."""
+    """Path of a corpus in ../shared/data, or skip the test when it is not there (fail instead
+    with RSHARE_REQUIRE_DATA=1, as CI sets it when the corpora exist, so none skips silently)."""
     path = os.path.join(SHARED_DATA, name)
     if not os.path.isdir(path):
+        if os.environ.get("RSHARE_REQUIRE_DATA") == "1":
+            pytest.fail(f"real corpus {name} not found under {SHARED_DATA}, and RSHARE_REQUIRE_DATA=1")
         pytest.skip(f"real corpus {name} not found under {SHARED_DATA} (set RSHARE_DATA)")
     return path
 
