@@ -61,3 +61,23 @@ record_variant() {
 
 # dictionary_size DICT: fairseq's vocabulary size for a dict.txt (its words + 4 special symbols).
 dictionary_size() { echo $(( $(wc -l <"$1") + 4 )); }
+
+# require_modules MODULE...: stop unless python3 imports each (setup.py's recipes extra).
+require_modules() {
+  local module
+  for module in "$@"; do
+    python3 -c "import $module" 2>/dev/null \
+      || die "python module $module not found: pip install torch==2.13.0 -e \".[recipes]\" (in this repository)"
+  done
+}
+
+# fetch_corpus NAME: print the folder of corpus NAME for an unset DATA: ../shared/data/NAME (or
+# $RSHARE_DATA/NAME) where it exists, as on CI; otherwise ~/.cache/fairseq-rshare/data/NAME
+# (under $XDG_CACHE_HOME when set), downloaded there and checked by recipes/fetch_data.py.
+fetch_corpus() {
+  local shared=${RSHARE_DATA:-$HERE/../../shared/data}/$1
+  local cache=${XDG_CACHE_HOME:-$HOME/.cache}/fairseq-rshare/data/$1
+  if [ -d "$shared" ]; then echo "$shared"; return; fi
+  python3 "$HERE/fetch_data.py" "$1" "$cache" >&2 || exit 1
+  echo "$cache"
+}

@@ -5,8 +5,10 @@
 # test), then one results JSON per run in $WORK/results (recipes/results_table.py tabulates).
 #
 # Variables (environment), defaults in brackets:
-#   CORPUS    a name: ptb, wikitext2 (in ../shared/data), or your own with DATA set  [ptb]
-#   DATA      folder with train.txt, valid.txt, test.txt                     [../shared/data/$CORPUS]
+#   CORPUS    a name: ptb, wikitext2 (downloaded if absent), or your own with DATA set  [ptb]
+#   DATA      folder with train.txt, valid.txt, test.txt  [../shared/data/$CORPUS if there (or
+#             $RSHARE_DATA/$CORPUS), else ~/.cache/fairseq-rshare/data/$CORPUS, downloaded once
+#             and SHA-256 checked by recipes/fetch_data.py; RSHARE_DATA_MIRROR=URL: another source]
 #   PRESET    cpu   : 2x200 LSTM (Zaremba et al.'s small model), tens of minutes on 2 cores
 #             gpu   : 2x650 LSTM with dropout 0.5 (Zaremba's medium model), 40 epochs
 #             smoke : 1x64 LSTM, 100 updates (what CI runs)                  [cpu]
@@ -23,7 +25,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 CORPUS=${CORPUS:-ptb}
-DATA=${DATA:-$HERE/../../shared/data/$CORPUS}
+DATA=${DATA:-$(source "$HERE/common.sh" && fetch_corpus "$CORPUS")}
 PRESET=${PRESET:-cpu}
 WORK=${WORK:-work/lm-$CORPUS-$PRESET}
 STEPS=${STEPS:-prepare train evaluate}

@@ -10,6 +10,11 @@ import json
 import os
 import sys
 
+try:
+    import matplotlib
+except ImportError:
+    sys.exit('results_table: error: matplotlib not found: pip install torch==2.13.0 -e ".[recipes]" (in this repository)')
+
 METRICS = {"test_ppl": "test ppl", "test_bleu": "test BLEU"}
 
 
@@ -66,8 +71,6 @@ def markdown(results):
 
 
 def plot(results, path):
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -2,7 +2,10 @@
 import argparse
 import sys
 
-import sentencepiece as spm
+try:
+    import sentencepiece as spm
+except ImportError:
+    sys.exit('subwords: error: sentencepiece not found: pip install torch==2.13.0 -e ".[recipes]" (in this repository)')
 
 
 def main(argv=None):

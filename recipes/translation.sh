@@ -7,7 +7,10 @@
 #
 # Variables (environment), defaults in brackets:
 #   CORPUS    multi30k | iwslt14                                            [multi30k]
-#   DATA      multi30k: folder with train, val, test2016 .de/.en (raw text) [../shared/data/multi30k]
+#   DATA      multi30k: folder with train, val, test2016 .de/.en (raw text) [../shared/data/multi30k
+#             if there (or $RSHARE_DATA/multi30k), else ~/.cache/fairseq-rshare/data/multi30k,
+#             downloaded once and SHA-256 checked by recipes/fetch_data.py; RSHARE_DATA_MIRROR=URL:
+#             another source]
 #             iwslt14: the extracted de-en folder of the IWSLT14 archive (train.tags.de-en.*,
 #             IWSLT14.*.xml); unset, it is downloaded from $IWSLT14_URL into $WORK/orig
 #   IWSLT14_URL                       [http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz]
@@ -43,7 +46,7 @@ source "$HERE/common.sh"
 INPUT_TABLES=
 
 case $CORPUS in
-  multi30k) DATA=${DATA:-$HERE/../../shared/data/multi30k} ;;
+  multi30k) DATA=${DATA:-$(fetch_corpus multi30k)} ;;
   iwslt14) DATA=${DATA:-} ;;
   *) die "CORPUS=$CORPUS: use multi30k or iwslt14" ;;
 esac
@@ -74,6 +77,7 @@ COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1"
 [ "$PRESET" = gpu ] || COMMON="$COMMON --cpu"
 
 require_tools fairseq-preprocess fairseq-train fairseq-generate sacrebleu python3
+require_modules sentencepiece
 for variant in $VARIANTS; do variant_flags "$variant" 0 >/dev/null; done
 
 prepare_text() {
