@@ -7,7 +7,7 @@ import sys
 
 from .modules import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
 from .checkpoints import RShareCheckpointError
-from . import rshare_cross_entropy, rshare_lstm, rshare_lstm_lm, rshare_transformer, rshare_transformer_lm  # noqa: F401
+from . import rshare_cross_entropy, rshare_lstm, rshare_lstm_lm, rshare_transformer, rshare_transformer_lm, tasks  # noqa: F401
 
 
 def _print_config_errors(exc_type, exc, tb, _previous_hook=sys.excepthook):

@@ -1,0 +1,2 @@
+"""fairseq tasks registered by the plugin."""
+from . import stateful_lm  # noqa: F401
