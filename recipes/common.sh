@@ -13,23 +13,28 @@ require_tools() {
 
 # variant_flags NAME WORDS: the --rshare-* flags of a run; WORDS is the dictionary size (for
 # -freq). INPUT_TABLES lists the model's input tables, empty when they are tied to the output.
-# rshare runs train with --criterion rshare_cross_entropy (the same loss, computed from the
-# pool scores); dense runs keep fairseq's own criterion.
+# NAME is dense, or rshare-R followed by any of -input, -freq, -bias. rshare runs train with
+# --criterion rshare_cross_entropy (the same loss, computed from the pool scores when the output
+# layer takes that path); dense runs keep fairseq's own criterion.
 variant_flags() {
-  local name=$1 words=$2 prefix ratio mode
+  local name=$1 words=$2 ratio suffix flags
   if [ "$name" = dense ]; then echo "--rshare-tables none"; return; fi
-  IFS=- read -r prefix ratio mode <<<"$name"
-  [ "$prefix" = rshare ] && [[ $ratio =~ ^0?\.[0-9]+$ ]] \
-    || die "variant '$name': use dense, rshare-R, rshare-R-input or rshare-R-freq (0 < R < 1)"
-  case ${mode:-} in
-    "") echo "--rshare-ratio $ratio --criterion rshare_cross_entropy" ;;
-    input)
-      [ -n "$INPUT_TABLES" ] || die "variant '$name': -input needs untied tables (this recipe ties them all)"
-      echo "--rshare-ratio $ratio --rshare-tables $INPUT_TABLES" ;;
-    freq) echo "--rshare-ratio $ratio --criterion rshare_cross_entropy" \
-            "--rshare-frequent-words $(awk "BEGIN { print int($ratio * $words / 2) }")" ;;
-    *) die "variant '$name': unknown suffix '$mode' (use -input or -freq)" ;;
-  esac
+  IFS=- read -r -a parts <<<"$name"
+  ratio=${parts[1]:-}
+  [ "${parts[0]}" = rshare ] && [[ $ratio =~ ^0?\.[0-9]+$ ]] \
+    || die "variant '$name': use dense, or rshare-R with 0 < R < 1 and any of -input, -freq, -bias"
+  flags="--rshare-ratio $ratio --criterion rshare_cross_entropy"
+  for suffix in "${parts[@]:2}"; do
+    case $suffix in
+      input)
+        [ -n "$INPUT_TABLES" ] || die "variant '$name': -input needs untied tables (this recipe ties them all)"
+        flags="$flags --rshare-tables $INPUT_TABLES" ;;
+      freq) flags="$flags --rshare-frequent-words $(awk "BEGIN { print int($ratio * $words / 2) }")" ;;
+      bias) flags="$flags --rshare-output-bias" ;;
+      *) die "variant '$name': unknown suffix '$suffix' (use -input, -freq or -bias)" ;;
+    esac
+  done
+  echo "$flags"
 }
 
 # train_variant NAME RUN_DIR FAIRSEQ_TRAIN_ARGS...: train one run into RUN_DIR; the command is

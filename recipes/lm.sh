@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Language-model perplexity (PTB, WikiText-2, or any tokenised corpus): a dense LSTM LM beside
-# rshare ones.
+# rshare ones, measured the way published LSTM LM results are: --task stateful_lm (the token
+# stream cut into parallel streams, the LSTM state carried from batch to batch, every test token
+# scored once with the state carried over the whole test stream).
 # Steps: prepare (fairseq-preprocess), train (fairseq-train), evaluate (fairseq-eval-lm on
 # test), then one results JSON per run in $WORK/results (recipes/results_table.py tabulates).
 #
@@ -9,15 +11,21 @@
 #   DATA      folder with train.txt, valid.txt, test.txt  [../shared/data/$CORPUS if there (or
 #             $RSHARE_DATA/$CORPUS), else ~/.cache/fairseq-rshare/data/$CORPUS, downloaded once
 #             and SHA-256 checked by recipes/fetch_data.py; RSHARE_DATA_MIRROR=URL: another source]
-#   PRESET    cpu   : 2x200 LSTM (Zaremba et al.'s small model), tens of minutes on 2 cores
-#             gpu   : 2x650 LSTM with dropout 0.5 (Zaremba's medium model), 40 epochs
-#             smoke : 1x64 LSTM, 100 updates (what CI runs)                  [cpu]
+#   PRESET    cpu   : Zaremba et al. (2014)'s small model and schedule: 2x200 LSTM, no dropout,
+#                     batch 20 x 20 steps, SGD lr 1 on the summed window loss (--lr 20 on
+#                     fairseq's per-token mean, clip 5 -> 0.25) halved every epoch after the
+#                     4th, 13 epochs; about an hour per PTB run on 2 cores
+#             gpu   : Zaremba's medium model: 2x650, dropout 0.5, 35 steps, lr 1 (--lr 35,
+#                     clip 5 -> 0.143) divided by 1.2 every epoch after the 6th, 39 epochs
+#             smoke : 2x32 LSTM, Adam, 100 updates (what CI runs)                  [cpu]
 #   VARIANTS  space-separated runs                                          [preset's list]
 #               dense            fairseq's dense tables (same code, --rshare-tables none)
 #               rshare-R         input and output tables random-shared at ratio R of dense
-#               rshare-R-input   the input table only
-#               rshare-R-freq    both tables, frequency aware: the R*V/2 most frequent words
-#                                keep private sub-vectors, the rest share the other half
+#             and suffixes, any of (e.g. rshare-0.1-bias, rshare-0.01-input):
+#               -input           the input table only (the output layer stays dense)
+#               -freq            frequency aware: the R*V/2 most frequent words keep private
+#                                sub-vectors, the rest share the other half
+#               -bias            a per-word bias in the random-shared output layer
 #   WORK      output folder                                                 [work/lm-$CORPUS-$PRESET]
 #   STEPS     any of: prepare train evaluate                                [prepare train evaluate]
 #   EXTRA     extra fairseq-train flags, e.g. "--max-update 50"             []
@@ -36,27 +44,29 @@ INPUT_TABLES=decoder-input
 
 case $PRESET in
   cpu)
-    MODEL="--arch rshare_lstm_lm_ptb_small"
-    SCHEDULE="--optimizer adam --lr 0.003 --clip-norm 0.5 --max-tokens 2240 --max-epoch 2"
-    [ "$CORPUS" = wikitext2 ] && SCHEDULE="$SCHEDULE --max-update 300"
-    DEFAULT_VARIANTS="dense rshare-0.1 rshare-0.01 rshare-0.1-input rshare-0.1-freq"
-    [ "$CORPUS" = wikitext2 ] && DEFAULT_VARIANTS="dense rshare-0.1" ;;
+    # At this shape (V=10k, H=200, K=8, 1,000 pool entries per position) building the V x H
+    # matrix once a batch is the faster output path.
+    MODEL="--arch rshare_lstm_lm_ptb_small --rshare-output-path materialize"
+    SCHEDULE="--optimizer sgd --lr 20 --clip-norm 0.25 --lr-scheduler fixed --force-anneal 5
+              --lr-shrink 0.5 --max-epoch 13 --batch-size 20 --tokens-per-sample 20"
+    DEFAULT_VARIANTS="dense rshare-0.1-bias rshare-0.01-input" ;;
   gpu)
     MODEL="--arch rshare_lstm_lm --decoder-layers 2 --decoder-embed-dim 650 --decoder-hidden-size 650
            --decoder-out-embed-dim 650 --dropout 0.5"
-    SCHEDULE="--optimizer adam --lr 0.001 --clip-norm 0.25 --max-tokens 700 --max-epoch 40
-              --lr-scheduler reduce_lr_on_plateau --lr-shrink 0.25"
-    DEFAULT_VARIANTS="dense rshare-0.9 rshare-0.1 rshare-0.01 rshare-0.1-input rshare-0.01-input rshare-0.1-freq" ;;
+    SCHEDULE="--optimizer sgd --lr 35 --clip-norm 0.143 --lr-scheduler fixed --force-anneal 7
+              --lr-shrink 0.8333 --max-epoch 39 --batch-size 20 --tokens-per-sample 35"
+    DEFAULT_VARIANTS="dense rshare-0.1-bias rshare-0.01-bias rshare-0.01-input" ;;
   smoke)
-    MODEL="--arch rshare_lstm_lm --decoder-layers 1 --decoder-embed-dim 64 --decoder-hidden-size 64
-           --decoder-out-embed-dim 64"
-    SCHEDULE="--optimizer adam --lr 0.01 --clip-norm 0.5 --max-tokens 2240 --max-update 100"
-    DEFAULT_VARIANTS="dense rshare-0.1" ;;
+    MODEL="--arch rshare_lstm_lm --decoder-layers 2 --decoder-embed-dim 32 --decoder-hidden-size 32
+           --decoder-out-embed-dim 32"
+    SCHEDULE="--optimizer adam --lr 0.01 --clip-norm 0.5 --max-update 100 --batch-size 20
+              --tokens-per-sample 35"
+    DEFAULT_VARIANTS="dense rshare-0.1-bias" ;;
   *) die "PRESET=$PRESET: use cpu, gpu or smoke" ;;
 esac
 VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
 # fairseq 0.12 silently drops a last batch whose size is not a multiple of 8 (fairseq #5036).
-COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --tokens-per-sample 35"
+COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --task stateful_lm"
 [ "$PRESET" = gpu ] || COMMON="$COMMON --cpu"
 
 require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
@@ -79,15 +89,15 @@ mkdir -p "$WORK/results"
 for variant in $VARIANTS; do
   run="$WORK/$variant"
   if [[ " $STEPS " == *" train "* ]]; then
-    train_variant "$variant" "$run" "$WORK/data-bin" --task language_modeling $COMMON $MODEL \
-      $SCHEDULE $(variant_flags "$variant" "$(dictionary_size "$WORK/data-bin/dict.txt")") \
-      --sample-break-mode none
+    train_variant "$variant" "$run" "$WORK/data-bin" $COMMON $MODEL $SCHEDULE --batch-size-valid 10 \
+      $(variant_flags "$variant" "$(dictionary_size "$WORK/data-bin/dict.txt")")
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_best.pt" ] || die "$run/checkpoint_best.pt is missing: run the train step first"
     step "evaluate $variant on test"
+    # One stream, the state carried over the whole test set (as Zaremba et al. evaluate).
     fairseq-eval-lm "$WORK/data-bin" $COMMON --path "$run/checkpoint_best.pt" --gen-subset test \
-      --max-tokens 4096 >"$run/eval.log" 2>&1 || die "evaluating $variant failed: see $run/eval.log"
+      --batch-size 1 --tokens-per-sample 35 >"$run/eval.log" 2>&1 || die "evaluating $variant failed: see $run/eval.log"
     record_variant "$variant" "$run" --eval-log "$run/eval.log"
   fi
 done
