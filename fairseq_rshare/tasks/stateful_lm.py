@@ -128,9 +128,13 @@ class StatefulLMTask(FairseqTask):
         )
 
     def get_batch_iterator(self, dataset, epoch=1, num_workers=0, data_buffer_size=0,
-                           skip_remainder_batch=False, **unused):
-        """Windows in order, one a batch; the dataset is already this rank's streams."""
-        return iterators.EpochBatchIterator(
+                           skip_remainder_batch=False, disable_iterator_cache=False, **unused):
+        """Windows in order, one a batch; the dataset is already this rank's streams.  One
+        iterator per dataset, reused as fairseq's own tasks do (each new one would start, and
+        keep, its own data-loading worker processes)."""
+        if dataset in self.dataset_to_epoch_iter and not disable_iterator_cache:
+            return self.dataset_to_epoch_iter[dataset]
+        self.dataset_to_epoch_iter[dataset] = iterators.EpochBatchIterator(
             dataset=dataset,
             collate_fn=dataset.collate,
             batch_sampler=[[i] for i in range(len(dataset))],
@@ -140,6 +144,7 @@ class StatefulLMTask(FairseqTask):
             disable_shuffling=True,
             skip_remainder_batch=skip_remainder_batch,
         )
+        return self.dataset_to_epoch_iter[dataset]
 
     def eval_lm_dataloader(self, dataset, context_window=0, num_workers=1, data_buffer_size=10, **unused):
         if context_window:
