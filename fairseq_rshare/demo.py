@@ -19,7 +19,7 @@ import numpy as np
 
 from .checkpoints import parameters_by_component
 from .fused import extension
-from .tools import fairseq_tool
+from .tools import fairseq_tool, training_speed
 
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
 SPLITS = ("train", "valid", "test")
@@ -84,17 +84,6 @@ def run(tool, args, log_path, prefix=None):
         tail = "".join(lines[-15:])
         sys.exit(f"fairseq-rshare-demo: {tool} failed (log: {log_path}):\n{tail}")
     return "".join(lines)
-
-
-def training_speed(train_log):
-    """(updates, words/s) of a whole fairseq-train run, from its end-of-epoch lines: each
-    epoch's words (words per batch x its updates) over its time (its words / its wps)."""
-    updates, words, seconds = 0, 0.0, 0.0
-    for wps, wpb, total in re.findall(
-            r"\| train \| epoch .*?\| wps ([\d.]+) .*?\| wpb ([\d.]+) .*?\| num_updates (\d+)", train_log):
-        epoch_words = float(wpb) * (int(total) - updates)
-        updates, words, seconds = int(total), words + epoch_words, seconds + epoch_words / float(wps)
-    return updates, words / max(seconds, 1e-9)
 
 
 def train_and_evaluate(name, model_flags, data_bin, work_dir, max_update, hidden, seed):

@@ -1,4 +1,5 @@
-"""Run fairseq's command-line tools with the fairseq of the running Python, whatever PATH says.
+"""Run fairseq's command-line tools with the fairseq of the running Python, whatever PATH says,
+and read their logs.
 
 A virtualenv need not be activated: its console scripts sit beside its Python
 (``sys.executable``), so that is where they are looked for.  Where they are not (an install
@@ -7,6 +8,7 @@ script is preferred because ``-m`` would also import a ``fairseq`` folder from t
 directory (a fairseq checkout) instead of the installed one.
 """
 import os
+import re
 import sys
 
 
@@ -17,3 +19,14 @@ def fairseq_tool(name):
     if os.path.isfile(script):
         return [script]
     return [sys.executable, "-m", "fairseq_cli." + name[len("fairseq-"):].replace("-", "_")]
+
+
+def training_speed(train_log):
+    """(updates, words/s) of a whole fairseq-train run, from its log text's end-of-epoch lines: each
+    epoch's words (words per batch x its updates) over its time (its words / its wps)."""
+    updates, words, seconds = 0, 0.0, 0.0
+    for wps, wpb, total in re.findall(
+            r"\| train \| epoch .*?\| wps ([\d.]+) .*?\| wpb ([\d.]+) .*?\| num_updates (\d+)", train_log):
+        epoch_words = float(wpb) * (int(total) - updates)
+        updates, words, seconds = int(total), words + epoch_words, seconds + epoch_words / float(wps)
+    return updates, words / max(seconds, 1e-9)

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from fairseq_rshare.checkpoints import parameters_by_component  # noqa: E402
+from fairseq_rshare.tools import training_speed as words_per_second_of_run  # noqa: E402
 
 
 def fail(message):
@@ -36,17 +37,10 @@ def number(text):
 def training_speed(train_log):
     """Words/s over the whole run: fairseq's per-epoch wps, weighted by each epoch's words."""
     with open(train_log) as f:
-        text = f.read()
-    epochs = re.findall(r"\| train \| epoch \d+ \|.*?\| wps ([\d.]+) \|.*?\| wpb ([\d.]+) \|.*?\| num_updates (\d+)", text)
-    if not epochs:
+        updates, words_per_second = words_per_second_of_run(f.read())
+    if not updates:
         fail(f"{train_log} has no end-of-epoch training line: did training finish? (see the log)")
-    words, seconds, previous_updates = 0.0, 0.0, 0
-    for wps, wpb, updates in epochs:
-        epoch_words = float(wpb) * (int(updates) - previous_updates)
-        words += epoch_words
-        seconds += epoch_words / float(wps)
-        previous_updates = int(updates)
-    return {"words_per_second": round(words / seconds, 1), "updates": previous_updates}
+    return {"words_per_second": round(words_per_second, 1), "updates": updates}
 
 
 def perplexity(eval_log):
