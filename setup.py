@@ -12,7 +12,7 @@ setup(
     license="MIT",
     packages=find_packages(include=["fairseq_rshare", "fairseq_rshare.*"]),
     python_requires=">=3.8",
-    install_requires=["ve-fairseq==0.12.3", "torch>=2.6", "numpy", "ninja"],
+    install_requires=["ve-fairseq==0.12.3", "torch>=2.6", "numpy", "ninja", "omegaconf"],
     extras_require={
         "recipes": RECIPES,
         "export": EXPORT,
