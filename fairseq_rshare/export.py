@@ -65,6 +65,7 @@ def dense_state_dict(model, parent, tied):
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, RandomSharedEmbedding):
             del state[f"{name}.pool"], state[f"{name}.mapping_fingerprint"]
+            state.pop(f"{name}.word_scale", None)
             if id(module) not in dense:
                 dense[id(module)] = module.materialized_weight().detach()
             if not name.endswith(".output_projection.table"):

@@ -29,7 +29,7 @@ def _sort_keys(seed, count):
     return _splitmix64(np.arange(count, dtype=np.uint64) ^ stream)
 
 
-def make_mapping(num_words, num_subvectors, pool_size, pool_kind="position", seed=1, frequent_words=0):
+def make_mapping(num_words, num_subvectors, pool_size, pool_kind="position", seed=1, private_words=()):
     """Return the (V, K) int64 table of pool entries, balanced to within one use.
 
     position: column k holds entries k*M/K ... (k+1)*M/K - 1 only, each used
@@ -37,26 +37,32 @@ def make_mapping(num_words, num_subvectors, pool_size, pool_kind="position", see
     global: any entry at any position, each used floor or ceil of V*K/M times.
     As in the paper, a list holding every entry equally often is shuffled.
 
-    frequent_words F > 0 is the frequency-aware variant (not the paper's): words 0 .. F-1
-    (fairseq dictionaries put the most frequent words first) get private entries, F per
-    position or F*K in the global pool, and the other words share the remaining entries,
-    balanced as above.  F = 0 is the paper's method.
+    private_words, F distinct word ids, is the frequency-aware variant (not the paper's): the
+    i-th listed word gets private entries i at every position (i*K ... i*K + K-1 in the global
+    pool), and the other words, in id order, share the remaining entries, balanced as above.
+    No private words is the paper's method.
     """
     if pool_kind not in POOL_KINDS:
         raise ValueError(f"pool kind must be one of {POOL_KINDS}, got {pool_kind!r}")
-    V, K, M, F = num_words, num_subvectors, pool_size, frequent_words
+    private_words = np.asarray(private_words, dtype=np.int64).reshape(-1)
+    V, K, M, F = num_words, num_subvectors, pool_size, len(private_words)
+    if len(np.unique(private_words)) != F or (F and not 0 <= private_words.min() <= private_words.max() < V):
+        raise ValueError(f"private words must be distinct ids below {V}")
+    shared_words = np.setdiff1d(np.arange(V, dtype=np.int64), private_words)
     keys = _sort_keys(seed, (V - F) * K).reshape(V - F, K)
+    table = np.empty((V, K), dtype=np.int64)
     if pool_kind == "global":
-        private = np.arange(F * K, dtype=np.int64).reshape(F, K)
+        table[private_words] = np.arange(F * K, dtype=np.int64).reshape(F, K)
         balanced = F * K + np.arange((V - F) * K, dtype=np.int64) % (M - F * K)
-        shared = balanced[np.argsort(keys.reshape(-1), kind="stable")].reshape(V - F, K)
-        return np.concatenate([private, shared])
+        table[shared_words] = balanced[np.argsort(keys.reshape(-1), kind="stable")].reshape(V - F, K)
+        return table
     per_position = M // K
     offsets = np.arange(K, dtype=np.int64) * per_position
-    private = np.arange(F, dtype=np.int64)[:, None] + offsets
+    table[private_words] = np.arange(F, dtype=np.int64)[:, None] + offsets
     balanced = F + np.arange(V - F, dtype=np.int64) % (per_position - F)
     order = np.argsort(keys, axis=0, kind="stable")
-    return np.concatenate([private, balanced[order] + offsets])
+    table[shared_words] = balanced[order] + offsets
+    return table
 
 
 def fingerprint(mapping):

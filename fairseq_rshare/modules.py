@@ -15,9 +15,10 @@ class RShareConfigError(ValueError):
     """A bad rshare setting or checkpoint; fairseq_rshare prints its message without a traceback."""
 
 
-def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind, frequent_words=0):
-    """Raise RShareConfigError naming the flag to change when the table cannot be built."""
-    V, H, K, M, F = num_words, embed_dim, num_subvectors, pool_size, frequent_words
+def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind, private_words=0):
+    """Raise RShareConfigError naming the flag to change when the table cannot be built
+    (private_words: how many words get private entries)."""
+    V, H, K, M, F = num_words, embed_dim, num_subvectors, pool_size, private_words
     if K <= 0:
         raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
     if M <= 0:
@@ -57,8 +58,6 @@ def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind
             f"--rshare-pool-size {M} gives no compression for a vocabulary of {V} words "
             f"with {K} sub-vectors: use fewer than {V * K} entries (or a dense table)"
         )
-    if F < 0:
-        raise RShareConfigError(f"--rshare-frequent-words must be 0 or more, got {F}")
     if F and M - F * K < 2 * K:
         raise RShareConfigError(
             f"--rshare-frequent-words {F} leaves fewer than 2 shared entries per position in a "
@@ -84,7 +83,9 @@ class RandomSharedEmbedding(nn.Module):
 
     Only ``pool`` (M x H/K) is trained.  ``mapping`` (V x K, pool row of each slot) is
     regenerated from the settings and is not saved; ``mapping_fingerprint`` is saved, and
-    loading weights made with a different table is an error.
+    loading weights made with a different table is an error.  ``private_words`` (the
+    frequency-aware variant) get entries no other word uses; ``word_scale`` adds a trained
+    scale per word and sub-vector.
     """
 
     def __init__(
@@ -96,11 +97,13 @@ class RandomSharedEmbedding(nn.Module):
         pool_size,
         pool_kind="position",
         seed=1,
-        frequent_words=0,
+        private_words=(),
+        word_scale=False,
     ):
         super().__init__()
+        private_words = [int(word) for word in private_words]
         check_table_shape(
-            num_embeddings, embedding_dim, num_subvectors, pool_size, pool_kind, frequent_words
+            num_embeddings, embedding_dim, num_subvectors, pool_size, pool_kind, len(private_words)
         )
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -109,10 +112,8 @@ class RandomSharedEmbedding(nn.Module):
         self.pool_size = pool_size
         self.pool_kind = pool_kind
         self.seed = seed
-        self.frequent_words = frequent_words
-        mapping = make_mapping(
-            num_embeddings, num_subvectors, pool_size, pool_kind, seed, frequent_words
-        )
+        self.private_words = private_words
+        mapping = make_mapping(num_embeddings, num_subvectors, pool_size, pool_kind, seed, private_words)
         self.fingerprint = fingerprint(mapping)
         check_same_on_all_ranks(self.fingerprint)
         self.register_buffer("mapping", torch.from_numpy(mapping), persistent=False)
@@ -121,16 +122,25 @@ class RandomSharedEmbedding(nn.Module):
         )
         self.pool = nn.Parameter(torch.empty(pool_size, embedding_dim // num_subvectors))
         nn.init.normal_(self.pool, mean=0.0, std=embedding_dim**-0.5)
+        # Optional per-word scales of the K sub-vectors (V*K numbers, started at 1): words that
+        # share an entry can still weigh it differently.
+        self.word_scale = nn.Parameter(torch.ones(num_embeddings, num_subvectors)) if word_scale else None
 
     def forward(self, tokens):
-        vectors = F.embedding(self.mapping[tokens], self.pool).flatten(-2)
+        vectors = F.embedding(self.mapping[tokens], self.pool)
+        if self.word_scale is not None:
+            vectors = vectors * self.word_scale[tokens].unsqueeze(-1)
+        vectors = vectors.flatten(-2)
         if self.padding_idx is not None:
             vectors = vectors.masked_fill(tokens.eq(self.padding_idx).unsqueeze(-1), 0.0)
         return vectors
 
     def materialized_weight(self):
         """The V x H matrix this module stands for (pad row included, not zeroed)."""
-        return self.pool[self.mapping].flatten(1)
+        vectors = self.pool[self.mapping]
+        if self.word_scale is not None:
+            vectors = vectors * self.word_scale.unsqueeze(-1)
+        return vectors.flatten(1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         stored = state_dict.get(prefix + "mapping_fingerprint")
@@ -139,7 +149,7 @@ class RandomSharedEmbedding(nn.Module):
                 f"checkpoint table '{prefix.rstrip('.')}' was trained with mapping fingerprint "
                 f"{int(stored):015x}, but these settings (V={self.num_embeddings}, "
                 f"K={self.num_subvectors}, M={self.pool_size}, pool kind={self.pool_kind}, "
-                f"seed={self.seed}, frequent words={self.frequent_words}) regenerate {self.fingerprint}: load it with the settings it "
+                f"seed={self.seed}, private words={len(self.private_words)}) regenerate {self.fingerprint}: load it with the settings it "
                 "was trained with (do not override --rshare-* flags)"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -148,7 +158,7 @@ class RandomSharedEmbedding(nn.Module):
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, K={self.num_subvectors}, "
             f"pool={self.pool_size} ({self.pool_kind}), seed={self.seed}, "
-            f"frequent_words={self.frequent_words}, "
+            f"private_words={len(self.private_words)}, word_scale={self.word_scale is not None}, "
             f"fingerprint={self.fingerprint}"
         )
 
@@ -206,6 +216,13 @@ class RandomSharedOutput(nn.Module):
         self.register_buffer("slot_uses", slot_uses, persistent=False)
         self._weight, self._weight_version = None, None
         self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
+        if table.word_scale is not None:
+            if path == "pool-scores":
+                raise RShareConfigError(
+                    "--rshare-word-scale runs on the materialize output path only: use "
+                    "--rshare-output-path materialize or auto"
+                )
+            path = "materialize"
         if path == "auto":
             scores_per_token = M if table.pool_kind == "position" else K * M
             cheaper = pool_scores_is_cheaper(table.num_embeddings, table.embedding_dim, K, scores_per_token)
@@ -268,8 +285,7 @@ class RandomSharedOutput(nn.Module):
         (generation, eval-lm) it is kept until the pool changes, not rebuilt every step."""
         if self.training or torch.is_grad_enabled():
             return self.table.materialized_weight()
-        pool = self.table.pool
-        version = (pool.data_ptr(), pool._version, pool.dtype)
+        version = tuple((p.data_ptr(), p._version, p.dtype) for p in self.table.parameters())
         if self._weight_version != version:
             self._weight, self._weight_version = self.table.materialized_weight(), version
         return self._weight

@@ -26,6 +26,14 @@ class RShareConfig(FairseqDataclass):
         default=0.1,
         metadata={"help": "table size as a fraction of the dense V x H table: M = ratio*V*K, rounded to a multiple of K"},
     )
+    rshare_input_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "--rshare-ratio of the input tables only (encoder-input, decoder-input)"},
+    )
+    rshare_output_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "--rshare-ratio of an untied decoder-output table only"},
+    )
     rshare_pool_kind: ChoiceEnum(["position", "global"]) = field(
         default="position",
         metadata={"help": "position: slot k draws only from its own M/K entries (fast output layer); global: any entry anywhere (the paper's single pool)"},
@@ -39,7 +47,7 @@ class RShareConfig(FairseqDataclass):
     )
     rshare_frequent_words: int = field(
         default=0,
-        metadata={"help": "frequency-aware variant (not the paper's; 0 = off): the F most frequent words get private sub-vectors, the rest share the remainder of the same pool"},
+        metadata={"help": "frequency-aware variant (not the paper's; 0 = off): the F most frequent words by the dictionary's counts get private sub-vectors, the rest share the remainder of the same pool"},
     )
     rshare_output_path: ChoiceEnum(["auto", "pool-scores", "materialize"]) = field(
         default="auto",
@@ -47,6 +55,10 @@ class RShareConfig(FairseqDataclass):
     )
     rshare_output_bias: bool = field(
         default=False, metadata={"help": "add a per-word bias to the random-shared output layer"}
+    )
+    rshare_word_scale: bool = field(
+        default=False,
+        metadata={"help": "give every word a trained scale on each of its K sub-vectors (V*K more parameters, the importance weights of hash embeddings; not the paper's)"},
     )
 
 
@@ -65,30 +77,57 @@ def rshare_tables(args, model_tables):
     """The set of tables to random-share, checked against those the model has."""
     spec = str(args.rshare_tables).strip()
     if spec == "all":
-        return set(model_tables)
-    if spec == "none":
-        return set()
-    chosen = {name.strip() for name in spec.split(",") if name.strip()}
-    unknown = chosen - set(model_tables)
-    if unknown or not chosen:
-        raise RShareConfigError(
-            f"--rshare-tables {spec!r}: this model's tables are {', '.join(model_tables)} "
-            "(comma-separated), or use all / none"
-        )
+        chosen = set(model_tables)
+    elif spec == "none":
+        chosen = set()
+    else:
+        chosen = {name.strip() for name in spec.split(",") if name.strip()}
+        unknown = chosen - set(model_tables)
+        if unknown or not chosen:
+            raise RShareConfigError(
+                f"--rshare-tables {spec!r}: this model's tables are {', '.join(model_tables)} "
+                "(comma-separated), or use all / none"
+            )
+    if args.rshare_input_ratio is not None and not chosen - {"decoder-output"}:
+        raise RShareConfigError("--rshare-input-ratio is set but no input table is random-shared (see --rshare-tables)")
+    if args.rshare_output_ratio is not None and "decoder-output" not in chosen:
+        raise RShareConfigError("--rshare-output-ratio is set but decoder-output is not random-shared (see --rshare-tables)")
     return chosen
 
 
-def pool_size_for(args, num_words):
+def pool_size_for(args, num_words, table):
+    """M of `table`: --rshare-pool-size, else its ratio (--rshare-input-ratio or
+    --rshare-output-ratio when given, --rshare-ratio otherwise) times V*K."""
     K = args.rshare_subvectors
+    output = table == "decoder-output"
+    flag = "--rshare-output-ratio" if output else "--rshare-input-ratio"
+    ratio = args.rshare_output_ratio if output else args.rshare_input_ratio
+    if ratio is not None and args.rshare_pool_size is not None:
+        raise RShareConfigError(f"{flag} and --rshare-pool-size both set the size of {table}: use one")
     if args.rshare_pool_size is not None:
         return args.rshare_pool_size
-    if not 0 < args.rshare_ratio < 1:
-        raise RShareConfigError(
-            f"--rshare-ratio must be between 0 and 1 (exclusive), got {args.rshare_ratio}"
-        )
+    if ratio is None:
+        flag, ratio = "--rshare-ratio", args.rshare_ratio
+    if not 0 < ratio < 1:
+        raise RShareConfigError(f"{flag} must be between 0 and 1 (exclusive), got {ratio}")
     if K <= 0:
         raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
-    return max(2 * K, round(args.rshare_ratio * num_words) * K)
+    return max(2 * K, round(ratio * num_words) * K)
+
+
+def most_frequent_words(dictionary, count):
+    """Ids of the `count` most frequent words by the dictionary's counts (ties by id), never a
+    special symbol: a --srcdict or an external vocabulary need not be sorted by frequency."""
+    if count < 0:
+        raise RShareConfigError(f"--rshare-frequent-words must be 0 or more, got {count}")
+    if count == 0:
+        return []
+    words = range(dictionary.nspecial, len(dictionary))
+    if count > len(words):
+        raise RShareConfigError(
+            f"--rshare-frequent-words {count} is more than the {len(words)} words of the dictionary"
+        )
+    return sorted(words, key=lambda word: (-dictionary.count[word], word))[:count]
 
 
 def build_rshare_embedding(args, dictionary, embed_dim, table):
@@ -102,10 +141,11 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
         embedding_dim=embed_dim,
         padding_idx=dictionary.pad(),
         num_subvectors=args.rshare_subvectors,
-        pool_size=pool_size_for(args, len(dictionary)),
+        pool_size=pool_size_for(args, len(dictionary), table),
+        word_scale=args.rshare_word_scale,
         pool_kind=str(args.rshare_pool_kind),
         seed=args.rshare_seed + SEED_OFFSETS[table],
-        frequent_words=args.rshare_frequent_words,
+        private_words=most_frequent_words(dictionary, args.rshare_frequent_words),
     )
 
 
@@ -140,6 +180,11 @@ def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
     if "decoder-output" not in tables:
         return None
     if tied:
+        if args.rshare_output_ratio is not None:
+            raise RShareConfigError(
+                "--rshare-output-ratio sizes an untied output table, but --share-decoder-input-output-embed "
+                "(or --share-all-embeddings) makes the output reuse the input table: drop one of them"
+            )
         if decoder_embed.embedding_dim != output_dim:
             raise RShareConfigError(
                 f"--share-decoder-input-output-embed needs the decoder input dim "

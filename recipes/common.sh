@@ -13,7 +13,8 @@ require_tools() {
 
 # variant_flags NAME WORDS: the --rshare-* flags of a run; WORDS is the dictionary size (for
 # -freq). INPUT_TABLES lists the model's input tables, empty when they are tied to the output.
-# NAME is dense, or rshare-R followed by any of -input, -freq, -bias. rshare runs train with
+# NAME is dense, or rshare-R followed by any of -input, -freq, -bias, -scale, -inR (the input
+# tables' ratio, R the output's) and -outR (the output's ratio, R the input's). rshare runs train with
 # --criterion rshare_cross_entropy (the same loss, computed from the pool scores when the output
 # layer takes that path); dense runs keep fairseq's own criterion.
 variant_flags() {
@@ -22,7 +23,7 @@ variant_flags() {
   IFS=- read -r -a parts <<<"$name"
   ratio=${parts[1]:-}
   [ "${parts[0]}" = rshare ] && [[ $ratio =~ ^0?\.[0-9]+$ ]] \
-    || die "variant '$name': use dense, or rshare-R with 0 < R < 1 and any of -input, -freq, -bias"
+    || die "variant '$name': use dense, or rshare-R with 0 < R < 1 and any of -input, -freq, -bias, -scale, -inR, -outR"
   flags="--rshare-ratio $ratio --criterion rshare_cross_entropy"
   for suffix in "${parts[@]:2}"; do
     case $suffix in
@@ -31,7 +32,10 @@ variant_flags() {
         flags="$flags --rshare-tables $INPUT_TABLES" ;;
       freq) flags="$flags --rshare-frequent-words $(awk "BEGIN { print int($ratio * $words / 2) }")" ;;
       bias) flags="$flags --rshare-output-bias" ;;
-      *) die "variant '$name': unknown suffix '$suffix' (use -input, -freq or -bias)" ;;
+      scale) flags="$flags --rshare-word-scale" ;;
+      in0.*|in.*) flags="$flags --rshare-input-ratio ${suffix#in}" ;;
+      out0.*|out.*) flags="$flags --rshare-output-ratio ${suffix#out}" ;;
+      *) die "variant '$name': unknown suffix '$suffix' (use -input, -freq, -bias, -scale, -inR or -outR)" ;;
     esac
   done
   echo "$flags"

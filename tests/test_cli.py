@@ -30,6 +30,10 @@ LM_CASES = {
                                  "--decoder-hidden-size", "32", "--decoder-out-embed-dim", "32",
                                  "--share-decoder-input-output-embed", "--rshare-pool-kind", "global",
                                  "--rshare-output-bias"],
+    "lstm_lm_ratios_scale": ["--arch", "rshare_lstm_lm", "--decoder-embed-dim", "32",
+                             "--decoder-hidden-size", "32", "--decoder-out-embed-dim", "32",
+                             "--rshare-input-ratio", "0.05", "--rshare-output-ratio", "0.3",
+                             "--rshare-word-scale", "--rshare-output-bias"],
     "lstm_lm_ptb_small": ["--arch", "rshare_lstm_lm_ptb_small", "--rshare-tables", "decoder-output"],
     "transformer_lm": ["--arch", "rshare_transformer_lm", "--decoder-layers", "1",
                        "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
@@ -135,6 +139,18 @@ def test_reloaded_checkpoint_gives_bit_identical_outputs(case, trained, tmp_path
     assert torch.equal(outputs[0], outputs[1])
 
 
+def test_input_and_output_ratios_size_their_own_tables(trained, lm_data):
+    state = torch.load(trained("lstm_lm_ratios_scale") / "checkpoint_last.pt", weights_only=False)["model"]
+    V = len(open(os.path.join(lm_data, "dict.txt")).readlines()) + 4  # fairseq's 4 special symbols
+    V += -V % 8  # the dictionary is padded to a multiple of 8
+    K = 8
+    assert state["decoder.embed_tokens.pool"].shape == (round(0.05 * V) * K, 32 // K)
+    assert state["decoder.output_projection.table.pool"].shape == (round(0.3 * V) * K, 32 // K)
+    assert state["decoder.embed_tokens.word_scale"].shape == (V, K)
+    assert state["decoder.output_projection.table.word_scale"].shape == (V, K)
+    assert not torch.equal(state["decoder.embed_tokens.word_scale"], torch.ones(V, K))
+
+
 def test_resume_from_checkpoint_last(lm_data, tmp_path):
     flags = LM_CASES["lstm_lm"]
     train(lm_data, tmp_path, lm_task(), flags, max_update=10)
@@ -201,6 +217,15 @@ def test_model_overrides_that_change_the_mapping_fail_clearly(trained, lm_data):
         (["--share-decoder-input-output-embed", "--rshare-tables", "decoder-input"],
          "list both tables or neither"),
         (["--criterion", "adaptive_loss"], "use --criterion cross_entropy"),
+        (["--rshare-input-ratio", "1.5"], "--rshare-input-ratio must be between 0 and 1"),
+        (["--rshare-output-ratio", "0.2", "--rshare-pool-size", "64"],
+         "--rshare-output-ratio and --rshare-pool-size both set the size of decoder-output"),
+        (["--rshare-tables", "decoder-output", "--rshare-input-ratio", "0.1"],
+         "--rshare-input-ratio is set but no input table is random-shared"),
+        (["--share-decoder-input-output-embed", "--rshare-output-ratio", "0.2"],
+         "makes the output reuse the input table"),
+        (["--rshare-word-scale", "--rshare-output-path", "pool-scores"],
+         "--rshare-word-scale runs on the materialize output path only"),
     ],
 )
 def test_bad_flags_fail_with_one_clear_message(flags, message, lm_data, tmp_path):

@@ -5,11 +5,13 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.data import Dictionary
 
 from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
 from fairseq_rshare.fused import extension, log_softmax_of_bags, logsumexp_of_bags, stock_logits_of_bags
 from fairseq_rshare.mapping import fingerprint, make_mapping
 from fairseq_rshare.modules import pool_scores_is_cheaper
+from fairseq_rshare.options import most_frequent_words
 
 GOLDEN_FINGERPRINTS = {
     (10, 4, 8, "position", 1): "508325ab1362e31",
@@ -46,16 +48,31 @@ def test_position_pools_are_balanced_and_private(V, K, M):
 
 
 @pytest.mark.parametrize("kind", ["position", "global"])
-def test_frequent_words_get_private_entries_and_the_rest_stay_balanced(kind):
+def test_private_words_get_private_entries_and_the_rest_stay_balanced(kind):
     V, K, M, F = 1000, 4, 400, 60
-    mapping = make_mapping(V, K, M, kind, seed=3, frequent_words=F)
-    private, shared = mapping[:F], mapping[F:]
+    private_words = np.random.default_rng(0).choice(V, F, replace=False)
+    mapping = make_mapping(V, K, M, kind, seed=3, private_words=private_words)
+    private, shared = mapping[private_words], np.delete(mapping, private_words, axis=0)
     assert len(np.unique(private)) == F * K
     assert not np.isin(shared, private).any()
     counts = np.bincount(shared.ravel(), minlength=M)[np.setdiff1d(np.arange(M), private)]
     assert np.all(np.abs(counts - (V - F) * K / (M - F * K)) <= 1)
     if kind == "position":
         assert np.array_equal(mapping // (M // K), np.broadcast_to(np.arange(K), (V, K)))
+
+
+def test_frequent_words_are_chosen_by_count_and_never_special():
+    dictionary = Dictionary()
+    for word, count in [("rare", 1), ("common", 50), ("middle", 7), ("often", 50), ("once", 1)]:
+        dictionary.add_symbol(word, n=count)
+    dictionary.count[dictionary.pad()] = dictionary.count[dictionary.eos()] = 10**6
+    ids = [dictionary.index(word) for word in ("common", "often", "middle", "rare")]
+    assert most_frequent_words(dictionary, 4) == ids
+    assert most_frequent_words(dictionary, 0) == []
+    with pytest.raises(RShareConfigError, match="--rshare-frequent-words 6 is more than the 5 words"):
+        most_frequent_words(dictionary, 6)
+    with pytest.raises(RShareConfigError, match="--rshare-frequent-words must be 0 or more"):
+        most_frequent_words(dictionary, -1)
 
 
 def test_mapping_depends_on_seed_and_is_repeatable():
@@ -259,13 +276,10 @@ def test_invalid_tables_name_the_flag(V, H, K, M, kind, message):
         RandomSharedEmbedding(V, H, 1, K, M, pool_kind=kind)
 
 
-@pytest.mark.parametrize(
-    "frequent_words,message",
-    [(-1, "must be 0 or more"), (9, "use at most 8"), (100, "use at most 8")],
-)
-def test_invalid_frequent_words_name_the_flag(frequent_words, message):
-    with pytest.raises(RShareConfigError, match=f"--rshare-frequent-words.*{message}"):
-        RandomSharedEmbedding(100, 16, 1, 4, 40, frequent_words=frequent_words)
+@pytest.mark.parametrize("count", [9, 100])
+def test_too_many_private_words_name_the_flag(count):
+    with pytest.raises(RShareConfigError, match="--rshare-frequent-words.*use at most 8"):
+        RandomSharedEmbedding(100, 16, 1, 4, 40, private_words=range(count))
 
 
 def test_loading_weights_of_another_mapping_is_an_error():
@@ -276,3 +290,30 @@ def test_loading_weights_of_another_mapping_is_an_error():
     same = RandomSharedEmbedding(100, 16, 1, 4, 40, seed=1)
     same.load_state_dict(trained.state_dict())
     assert torch.equal(same.pool, trained.pool)
+
+
+def test_word_scale_weighs_each_sub_vector_in_the_embedding_and_the_output():
+    V, H, K, M = 40, 12, 3, 30
+    table = RandomSharedEmbedding(V, H, padding_idx=1, num_subvectors=K, pool_size=M, word_scale=True)
+    with torch.no_grad():
+        table.word_scale.uniform_(-2.0, 2.0)
+    output = RandomSharedOutput(table, bias=True, path="auto")
+    assert output.path == "materialize"
+    pool, mapping, scale = table.pool.detach().numpy(), table.mapping.numpy(), table.word_scale.detach().numpy()
+    dense = np.stack([np.concatenate([scale[w, k] * pool[mapping[w, k]] for k in range(K)]) for w in range(V)])
+    tokens = torch.tensor([[0, 5, 39], [7, 1, 2]])
+    vectors = table(tokens).detach().numpy()
+    for position, word in np.ndenumerate(tokens.numpy()):
+        expected = np.zeros(H) if word == 1 else dense[word]
+        assert np.allclose(vectors[position], expected, atol=1e-6)
+    features = torch.randn(5, H)
+    expected = torch.log_softmax(features @ torch.from_numpy(dense).t() + output.bias, -1)
+    assert torch.allclose(output(features), expected, atol=1e-5)
+    output(features).sum().backward()
+    assert table.word_scale.grad is not None and torch.count_nonzero(table.word_scale.grad) > 0
+
+
+def test_word_scale_refuses_the_pool_scores_path():
+    table = RandomSharedEmbedding(40, 12, 1, 3, 30, word_scale=True)
+    with pytest.raises(RShareConfigError, match="--rshare-word-scale runs on the materialize output path"):
+        RandomSharedOutput(table, path="pool-scores")
