@@ -27,6 +27,8 @@ def training_speed(train_log):
     updates, words, seconds = 0, 0.0, 0.0
     for wps, wpb, total in re.findall(
             r"\| train \| epoch .*?\| wps ([\d.]+) .*?\| wpb ([\d.]+) .*?\| num_updates (\d+)", train_log):
+        if int(total) <= updates or not float(wps):
+            continue  # an epoch that resumed at its end: no update, no speed
         epoch_words = float(wpb) * (int(total) - updates)
         updates, words, seconds = int(total), words + epoch_words, seconds + epoch_words / float(wps)
     return updates, words / max(seconds, 1e-9)

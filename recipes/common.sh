@@ -42,19 +42,27 @@ variant_flags() {
 }
 
 # train_variant NAME RUN_DIR FAIRSEQ_TRAIN_ARGS...: train one run into RUN_DIR; the command is
-# kept in RUN_DIR/train.cmd, its log in train.log, its wall time in train.seconds.
+# kept in RUN_DIR/train.cmd, its log in train.log, its wall time in train.seconds. A RUN_DIR
+# holding checkpoint_last.pt (a run stopped on the way) is resumed from it, as fairseq-train
+# does; delete RUN_DIR to start that run over.
 train_variant() {
   local name=$1 run=$2 start
   shift 2
-  step "train $name ($PRESET preset), log: $run/train.log"
-  rm -rf "$run" "$WORK/results/$name.json"
+  rm -f "$WORK/results/$name.json"
+  if [ -f "$run/checkpoint_last.pt" ]; then
+    step "resume $name ($PRESET preset) from $run/checkpoint_last.pt, log: $run/train.log"
+  else
+    step "train $name ($PRESET preset), log: $run/train.log"
+    rm -rf "$run"
+  fi
   mkdir -p "$run"
   printf '%q ' fairseq-train "$@" --seed 1 --save-dir "$run" --no-epoch-checkpoints \
     --log-format simple --log-interval 50 --no-progress-bar $EXTRA >"$run/train.cmd"
   start=$(date +%s)
-  PYTHONUNBUFFERED=1 bash "$run/train.cmd" >"$run/train.log" 2>&1 \
+  PYTHONUNBUFFERED=1 bash "$run/train.cmd" >>"$run/train.log" 2>&1 \
     || die "training $name failed: see $run/train.log"
-  echo $(( $(date +%s) - start )) >"$run/train.seconds"
+  echo $(( $(date +%s) - start + $(cat "$run/train.seconds" 2>/dev/null || echo 0) )) >"$run/train.seconds.new"
+  mv "$run/train.seconds.new" "$run/train.seconds"
   grep "| valid |" "$run/train.log" | sed 's/.*| valid |/    valid |/' | tail -3
 }
 

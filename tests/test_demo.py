@@ -25,6 +25,9 @@ def test_training_speed_covers_the_whole_run():
     )
     # 400,000 words in 400 s, then 100,000 words in 25 s
     assert training_speed(log) == (150, 500_000 / 425)
+    # a run resumed from a checkpoint saved at an epoch's end logs that epoch again, empty
+    resumed_at_the_end = "| INFO | train | epoch 003 | loss 8 | wps 0 | ups 0 | wpb 0 | bsz 0 | num_updates 150 | lr 0.003\n"
+    assert training_speed(log + resumed_at_the_end) == (150, 500_000 / 425)
 
 
 def test_fairseq_tools_are_found_beside_the_running_python(monkeypatch, tmp_path):

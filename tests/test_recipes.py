@@ -143,6 +143,19 @@ def test_failed_training_leaves_no_results_json(tmp_path):
     assert os.listdir(tmp_path / "work/results") == []
 
 
+@pytest.mark.slow
+def test_lm_recipe_resumes_a_stopped_run(tmp_path):
+    data = small_lm_corpus(tmp_path / "corpus")
+    variables = dict(DATA=data, PRESET="smoke", WORK=tmp_path / "work", VARIANTS="rshare-0.1-bias")
+    recipe("lm.sh", tmp_path, STEPS="prepare train", EXTRA="--max-update 10", **variables)
+    resumed = recipe("lm.sh", tmp_path, STEPS="train evaluate", EXTRA="--max-update 20", **variables)
+    assert "resume rshare-0.1-bias (smoke preset) from" in resumed.stdout
+    log = (tmp_path / "work/rshare-0.1-bias/train.log").read_text()
+    assert re.search(r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ 10 updates\)", log)
+    with open(tmp_path / "work/results/rshare-0.1-bias.json") as f:
+        assert json.load(f)["updates"] == 20
+
+
 def check_results(results_dir, variants, metric, better_than):
     results = {}
     for variant in variants:
