@@ -11,6 +11,7 @@ setup(
     description="Random parameter sharing for fairseq embeddings and softmax layers (Li et al., AAAI 2018)",
     license="MIT",
     packages=find_packages(include=["fairseq_rshare", "fairseq_rshare.*"]),
+    package_data={"fairseq_rshare.kernels": ["*.cpp"]},
     python_requires=">=3.8",
     install_requires=["ve-fairseq==0.12.3", "torch>=2.6", "numpy", "ninja", "omegaconf"],
     extras_require={
@@ -20,8 +21,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "fairseq-rshare-demo=fairseq_rshare.demo:main",
-            "fairseq-rshare-export=fairseq_rshare.export:main",
+            "fairseq-rshare-demo=fairseq_rshare.cli.demo:main",
+            "fairseq-rshare-export=fairseq_rshare.cli.export:main",
         ]
     },
 )

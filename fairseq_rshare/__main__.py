@@ -5,7 +5,7 @@ Stock fairseq prints --help before it adds an architecture's own flags, so
 """
 import argparse
 
-from .options import RShareConfig
+from .models.rshare_config import RShareConfig
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 parser = argparse.ArgumentParser(

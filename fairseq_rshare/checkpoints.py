@@ -8,12 +8,13 @@ that into one line naming the file.
 import argparse
 import functools
 import pickle
+import re
 import zipfile
 
 import torch
 from fairseq import checkpoint_utils
 
-from .modules import RShareConfigError
+from .errors import RShareConfigError
 
 torch.serialization.add_safe_globals([argparse.Namespace])
 
@@ -30,14 +31,29 @@ def load_checkpoint_to_cpu(path, *args, **kwargs):
     try:
         return _fairseq_load_checkpoint_to_cpu(path, *args, **kwargs)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        unreadable = unreadable_checkpoint_reason(error)
+        if unreadable is None:
+            raise
         reason = str(error).strip().split(". ")[0] or type(error).__name__
-        raise RShareCheckpointError(
-            f"cannot read checkpoint {path} ({reason}): the file is truncated, corrupt or not "
-            "a fairseq checkpoint; copy or save it again"
-        ) from error
+        raise RShareCheckpointError(f"cannot read checkpoint {path} ({reason}): {unreadable}") from error
 
 
-checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+def unreadable_checkpoint_reason(error):
+    """What a loading error says about the file, or None when it is not about the file (a
+    RuntimeError from anything but torch's zip reader, e.g. out of memory, passes unchanged)."""
+    message = str(error)
+    if isinstance(error, RuntimeError) and "PytorchStreamReader" not in message:
+        return None
+    if "Unsupported global" in message:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        return (f"it holds a pickled {found.group(1) if found else 'object'} that torch's safe loading "
+                "(weights_only) refuses; load only checkpoints you trust, saved by fairseq")
+    return "the file is truncated, corrupt or not a fairseq checkpoint; copy or save it again"
+
+
+def install():
+    """Make fairseq's checkpoint loader fail with one line (done for command-line runs only)."""
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
 
 
 def parameters_by_component(checkpoint):

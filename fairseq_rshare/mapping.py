@@ -12,6 +12,10 @@ import numpy as np
 
 POOL_KINDS = ("position", "global")
 
+# The version of the algorithm below, recorded in checkpoints (as thinc names HashEmbed.v1): a
+# change that moves any slot is a new version, and the old one stays to load old checkpoints.
+MAPPING_VERSION = 1
+
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 

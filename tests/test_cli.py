@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from fairseq.data import Dictionary
 
 from conftest import USER_DIR, fairseq
 
@@ -162,7 +163,7 @@ def test_resume_from_checkpoint_last(lm_data, tmp_path):
 
 def test_hub_interface_translates(trained, nmt_data):
     import fairseq_rshare  # noqa: F401
-    from fairseq_rshare.rshare_transformer import RShareTransformerModel
+    from fairseq_rshare.models.rshare_transformer import RShareTransformerModel
 
     hub = RShareTransformerModel.from_pretrained(
         str(trained("transformer")), checkpoint_file="checkpoint_last.pt",
@@ -226,6 +227,9 @@ def test_model_overrides_that_change_the_mapping_fail_clearly(trained, lm_data):
          "makes the output reuse the input table"),
         (["--rshare-word-scale", "--rshare-output-path", "pool-scores"],
          "--rshare-word-scale runs on the materialize output path only"),
+        (["--decoder-embed-path", "vectors.txt"], "rshare_lstm_lm does not support --decoder-embed-path"),
+        (["--share-decoder-input-output-embed", "--decoder-out-embed-dim", "16", "--rshare-tables", "none"],
+         "needs --decoder-embed-dim (32) equal to --decoder-out-embed-dim (16)"),
     ],
 )
 def test_bad_flags_fail_with_one_clear_message(flags, message, lm_data, tmp_path):
@@ -234,6 +238,43 @@ def test_bad_flags_fail_with_one_clear_message(flags, message, lm_data, tmp_path
     assert result.returncode != 0
     assert "fairseq_rshare: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "case,flags,message",
+    [
+        ("lstm_share_all", ["--encoder-freeze-embed"], "rshare_lstm does not support --encoder-freeze-embed"),
+        ("transformer", ["--encoder-embed-path", "vectors.txt"],
+         "--encoder-embed-path loads a dense table, but encoder-input is random-shared"),
+    ],
+)
+def test_parent_flags_the_arch_cannot_honour_fail_clearly(case, flags, message, nmt_data, tmp_path):
+    result = fairseq("fairseq-train", nmt_data, *COMMON, *NMT_TASK, *NMT_CASES[case], *flags,
+                     "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert result.returncode != 0
+    assert "fairseq_rshare: error: " in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_transformer_lm_rejects_layers_to_keep(lm_data, tmp_path):
+    result = fairseq("fairseq-train", lm_data, *COMMON, *lm_task(), *LM_CASES["transformer_lm"],
+                     "--decoder-layers-to-keep", "0", "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert result.returncode != 0
+    assert "rshare_transformer_lm does not support --decoder-layers-to-keep" in result.stderr
+
+
+def test_a_dense_encoder_table_loads_its_embed_path(nmt_data, tmp_path):
+    words = [line.split()[0] for line in open(os.path.join(nmt_data, "dict.de.txt"))][:3]
+    vectors = {word: [float(i + 1)] * 32 for i, word in enumerate(words)}
+    path = tmp_path / "vectors.txt"
+    path.write_text(f"{len(words)} 32\n" + "".join(f"{w} {' '.join(map(str, v))}\n" for w, v in vectors.items()))
+    train(nmt_data, tmp_path, NMT_TASK, [*NMT_CASES["transformer"], "--rshare-tables", "decoder-output"],
+          max_update=1, extra=["--encoder-embed-path", path, "--lr", "1e-9"])
+    state = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
+    dictionary = Dictionary.load(os.path.join(nmt_data, "dict.de.txt"))
+    weight = state["model"]["encoder.embed_tokens.weight"]
+    for word, vector in vectors.items():
+        assert torch.allclose(weight[dictionary.index(word)], torch.tensor(vector), atol=1e-5)
 
 
 def test_share_all_embeddings_with_one_dense_table_fails_clearly(nmt_data, tmp_path):

@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from fairseq_rshare.demo import make_corpus, training_speed
+from fairseq_rshare.cli.demo import make_corpus, training_speed
 from fairseq_rshare.tools import fairseq_tool
 
-DEMO = [sys.executable, "-m", "fairseq_rshare.demo"]
+DEMO = [sys.executable, "-m", "fairseq_rshare.cli.demo"]
 
 
 def test_generated_corpus_is_zipfian_and_split(tmp_path):

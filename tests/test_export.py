@@ -46,7 +46,7 @@ CASES = {
 
 def export(*args):
     """Run the export command; return the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "fairseq_rshare.export", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "fairseq_rshare.cli.export", *map(str, args)],
                           capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 

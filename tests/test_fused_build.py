@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from fairseq_rshare.fused import build_inputs, build_key
+from fairseq_rshare.kernels import build_inputs, build_key
 
 INPUTS = {
     "source": ["int f();", ["f"]],
@@ -31,7 +31,7 @@ def test_build_inputs_are_stable():
 def test_a_built_extension_loads_silently_without_running_ninja(tmp_path):
     """Once built, the kernels load from their folder: no message, and no ninja is run (one
     that fails comes first on PATH), so another ninja version cannot trigger a rebuild."""
-    load = [sys.executable, "-c", "from fairseq_rshare.fused import extension; assert extension() is not None"]
+    load = [sys.executable, "-c", "from fairseq_rshare.kernels import extension; assert extension() is not None"]
     subprocess.run(load, check=True, capture_output=True)  # builds, if this machine has not yet
     (tmp_path / "ninja").write_text("#!/bin/sh\nexit 1\n")
     (tmp_path / "ninja").chmod(0o755)

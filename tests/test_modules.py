@@ -8,10 +8,10 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq.data import Dictionary
 
 from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
-from fairseq_rshare.fused import extension, log_softmax_of_bags, logsumexp_of_bags, stock_logits_of_bags
+from fairseq_rshare.kernels import extension, log_softmax_of_bags, logsumexp_of_bags, stock_logits_of_bags
 from fairseq_rshare.mapping import fingerprint, make_mapping
 from fairseq_rshare.modules import pool_scores_is_cheaper
-from fairseq_rshare.options import most_frequent_words
+from fairseq_rshare.models.rshare_config import most_frequent_words
 
 GOLDEN_FINGERPRINTS = {
     (10, 4, 8, "position", 1): "508325ab1362e31",
@@ -142,6 +142,14 @@ def test_auto_path_picks_by_the_cost_model(V, H, K, M, path):
     output = RandomSharedOutput(RandomSharedEmbedding(V, H, 1, K, M))
     assert output.path == path
     assert pool_scores_is_cheaper(V, H, K, M) == (path == "pool-scores")
+    # No pool-scores kernel off the CPU: auto takes the materialised matrix there.
+    assert output.path_on("cuda") == "materialize" and not pool_scores_is_cheaper(V, H, K, M, "cuda")
+
+
+@pytest.mark.parametrize("path", ["pool-scores", "materialize"])
+def test_a_forced_path_is_kept_on_every_device(path):
+    output = RandomSharedOutput(RandomSharedEmbedding(10_000, 200, 1, 8, 16_000), path=path)
+    assert output.path == output.path_on("cpu") == output.path_on("cuda") == path
 
 
 @pytest.mark.parametrize("kind", ["position", "global"])
@@ -251,7 +259,7 @@ def test_parameter_count_is_pool_plus_bias(bias):
     output = RandomSharedOutput(RandomSharedEmbedding(V, H, 1, K, M), bias=bias)
     trainable = sum(p.numel() for p in output.parameters() if p.requires_grad)
     assert trainable == M * H // K + (V if bias else 0)
-    assert set(output.state_dict()) == {"table.pool", "table.mapping_fingerprint"} | (
+    assert set(output.state_dict()) == {"table.pool", "table.mapping_fingerprint", "table.mapping_version"} | (
         {"bias"} if bias else set()
     )
 
@@ -317,3 +325,43 @@ def test_word_scale_refuses_the_pool_scores_path():
     table = RandomSharedEmbedding(40, 12, 1, 3, 30, word_scale=True)
     with pytest.raises(RShareConfigError, match="--rshare-word-scale runs on the materialize output path"):
         RandomSharedOutput(table, path="pool-scores")
+
+
+def average_like_fairseq(state_dicts):
+    """The arithmetic of fairseq's scripts/average_checkpoints.py (not shipped in its wheel):
+    every tensor summed over the checkpoints, then floats divided and integers floor-divided."""
+    total = {key: value.clone() for key, value in state_dicts[0].items()}
+    for state in state_dicts[1:]:
+        for key, value in state.items():
+            total[key] += value
+    return {key: value / len(state_dicts) if value.is_floating_point() else value // len(state_dicts)
+            for key, value in total.items()}
+
+
+def test_sixteen_averaged_checkpoints_load():
+    # A seed whose fingerprint is at least 2**59: sixteen copies of it overflow int64.
+    seed = next(s for s in range(100) if int(RandomSharedEmbedding(100, 16, 1, 4, 40, seed=s).fingerprint, 16) >= 2**59)
+    tables = [RandomSharedEmbedding(100, 16, 1, 4, 40, seed=seed) for _ in range(16)]
+    averaged = average_like_fairseq([table.state_dict() for table in tables])
+    fresh = RandomSharedEmbedding(100, 16, 1, 4, 40, seed=seed)
+    fresh.load_state_dict(averaged)
+    assert torch.allclose(fresh.pool, torch.stack([t.pool for t in tables]).mean(0))
+    one_number = torch.tensor(int(fresh.fingerprint, 16))
+    assert int(average_like_fairseq([{"f": one_number}] * 16)["f"]) != int(one_number)  # the old form
+
+
+def test_checkpoints_with_the_fingerprint_as_one_number_still_load():
+    trained = RandomSharedEmbedding(100, 16, 1, 4, 40, seed=3)
+    old_form = {"pool": trained.pool.detach().clone(), "mapping_fingerprint": torch.tensor(int(trained.fingerprint, 16))}
+    fresh = RandomSharedEmbedding(100, 16, 1, 4, 40, seed=3)
+    fresh.load_state_dict(old_form)
+    assert torch.equal(fresh.pool, trained.pool)
+    with pytest.raises(RShareConfigError, match="mapping fingerprint"):
+        RandomSharedEmbedding(100, 16, 1, 4, 40, seed=4).load_state_dict(dict(old_form))
+
+
+def test_a_newer_mapping_version_is_refused():
+    state = RandomSharedEmbedding(100, 16, 1, 4, 40).state_dict()
+    state["mapping_version"] = torch.tensor(2)
+    with pytest.raises(RShareConfigError, match="mapping algorithm v2; this fairseq_rshare has v1"):
+        RandomSharedEmbedding(100, 16, 1, 4, 40).load_state_dict(state)

@@ -8,7 +8,7 @@ import torch
 
 import fairseq_rshare  # noqa: F401
 from fairseq.data import Dictionary
-from fairseq_rshare.rshare_lstm_lm import RShareLSTMLanguageModel, rshare_lstm_lm_architecture
+from fairseq_rshare.models.rshare_lstm_lm import RShareLSTMLanguageModel, rshare_lstm_lm_architecture
 from fairseq_rshare.tasks.stateful_lm import StreamWindows
 
 from conftest import USER_DIR, fairseq

@@ -25,8 +25,8 @@ from fairseq.distributed import utils as distributed_utils
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from ..modules import RShareConfigError
-from ..rshare_lstm_lm import RShareLSTMDecoder
+from ..errors import RShareConfigError
+from ..models.rshare_lstm_lm import RShareLSTMDecoder
 
 
 @dataclass

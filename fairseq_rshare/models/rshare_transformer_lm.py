@@ -8,12 +8,13 @@ from fairseq.models.transformer_lm import (
     TransformerLanguageModelConfig,
 )
 
-from .modules import RShareConfigError
-from .rshare_transformer_decoder import RShareTransformerDecoder
-from .options import (
+from ..errors import RShareConfigError
+from .rshare_decoder import RShareTransformerDecoder
+from .rshare_config import (
     RShareConfig,
     build_rshare_embedding,
     build_rshare_output,
+    reject_parent_flags,
     rshare_tables,
 )
 
@@ -34,6 +35,7 @@ class RShareTransformerLanguageModel(TransformerLanguageModel):
                 "rshare_transformer_lm replaces the embeddings and softmax: drop "
                 "--character-embeddings, --adaptive-input and --adaptive-softmax-cutoff"
             )
+        reject_parent_flags(args, "rshare_transformer_lm", ["decoder_layers_to_keep"])
         if getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = getattr(
                 args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS

@@ -1,37 +1,4 @@
-"""Fused CPU kernels for the random-shared output layer (float32).
-
-A word's logit is the sum of K pool scores, ``logit[n, w] = sum_k scores[n, bags[w, k]]
-(+ bias[w])``.  Two fused functions of it, each with its backward:
-
-- :func:`log_softmax_of_bags` writes the (N, V) log-probabilities (what fairseq's generator,
-  eval-lm and stock criteria consume);
-- :func:`logsumexp_of_bags` returns only the (N,) log-normalisers, which with the target's
-  logit is the cross-entropy: nothing of size N x V is ever written (``RandomSharedOutput.loss``).
-
-The kernels take 8 tokens at a time with their scores interleaved (R x 8), so that one loaded
-slot index and one 32-byte load serve all 8 tokens, and walk the vocabulary in chunks that
-stay in cache; the backward recomputes the logits instead of storing them.  They are compiled
-with ``torch.utils.cpp_extension`` on first use (about a minute, said on stderr) into a folder
-named by :func:`build_key`, then loaded from it; where that fails, or for other dtypes and
-devices, stock PyTorch ops compute the same values.
-"""
-import hashlib
-import importlib.util
-import json
-import logging
-import os
-import platform
-import shlex
-import subprocess
-import sys
-import time
-
-import torch
-import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
-
-CPP_SOURCE = r"""
+// Fused CPU kernels of the random-shared output layer; bound and built by __init__.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -114,23 +81,55 @@ struct LogSumExp {
   float value(int64_t t) const { return top[t] + std::log(total[t]); }
 };
 
+// The checks at the boundary: a wrong tensor stops with a message instead of reading out of bounds.
 static Bags bags_of(const torch::Tensor& scores, const torch::Tensor& slots, const torch::Tensor& bias) {
+  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat && scores.is_contiguous(),
+              "scores must be a contiguous (N, R) float32 tensor");
+  TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == torch::kInt && slots.is_contiguous(),
+              "slots must be a contiguous (V, K) int32 tensor");
+  TORCH_CHECK(bias.numel() == 0 || (bias.dim() == 1 && bias.size(0) == slots.size(0) &&
+              bias.scalar_type() == torch::kFloat && bias.is_contiguous()),
+              "bias must be empty or a contiguous float32 vector with one value per word");
+  TORCH_CHECK(slots.numel() == 0 || (slots.min().item<int32_t>() >= 0 && slots.max().item<int32_t>() < scores.size(1)),
+              "slots must index columns of scores");
   return {slots.data_ptr<int32_t>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
           slots.size(0), slots.size(1), scores.size(1)};
 }
 
+static void check_same(const torch::Tensor& tensor, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(tensor.sizes() == shape && tensor.scalar_type() == torch::kFloat && tensor.is_contiguous(),
+              name, " must be a contiguous float32 tensor of shape ", shape);
+}
+
+// The bias gradient is summed in this many fixed parts of the tokens, then the parts in order:
+// the same sums in the same order whatever the number of threads.
+constexpr int64_t BIAS_PARTS = 32;
+
 // Runs body(n0, tile, y, dtile, dbias) for every tile of TILE tokens, in parallel; returns the
-// bias gradient summed over the threads' private copies (empty without a bias).
+// bias gradient (empty without a bias).
 template <typename Body>
 static torch::Tensor for_each_tile(const Bags& b, int64_t N, bool with_dtile, bool with_dbias,
                                    const torch::TensorOptions& options, Body body) {
-  auto dbias = torch::zeros({with_dbias ? at::get_num_threads() : 0, b.V}, options);
-  at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tiles = (N + TILE - 1) / TILE;
+  const int64_t parts = with_dbias ? std::min(tiles, BIAS_PARTS) : tiles;
+  auto dbias = torch::zeros({with_dbias ? parts : 0, b.V}, options);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(b.R * TILE), y(CHUNK * TILE), dtile(with_dtile ? b.R * TILE : 0);
-    float* db = with_dbias ? dbias.data_ptr<float>() + at::get_thread_num() * b.V : nullptr;
-    for (int64_t i = begin; i < end; ++i) body(i * TILE, tile.data(), y.data(), dtile.data(), db);
+    for (int64_t p = begin; p < end; ++p) {
+      float* db = with_dbias ? dbias.data_ptr<float>() + p * b.V : nullptr;
+      for (int64_t i = p * tiles / parts; i < (p + 1) * tiles / parts; ++i)
+        body(i * TILE, tile.data(), y.data(), dtile.data(), db);
+    }
   });
-  return with_dbias ? dbias.sum(0) : dbias;
+  if (!with_dbias) return dbias;
+  auto total = torch::zeros({b.V}, options);
+  const float* part = dbias.data_ptr<float>();
+  float* out = total.data_ptr<float>();
+  at::parallel_for(0, b.V, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t p = 0; p < parts; ++p)
+      for (int64_t v = begin; v < end; ++v) out[v] += part[p * b.V + v];
+  });
+  return total;
 }
 
 // grad_scores[n0 + t, r] = dtile[r * TILE + t]
@@ -163,6 +162,8 @@ std::vector<torch::Tensor> logsumexp_backward(torch::Tensor grad, torch::Tensor 
                                               torch::Tensor bias, torch::Tensor lse) {
   const Bags b = bags_of(scores, slots, bias);
   const int64_t N = scores.size(0);
+  check_same(grad, {N}, "grad");
+  check_same(lse, {N}, "lse");
   auto grad_scores = torch::empty_like(scores);
   const float* s = scores.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
@@ -172,7 +173,9 @@ std::vector<torch::Tensor> logsumexp_backward(torch::Tensor grad, torch::Tensor 
       [&](int64_t n0, float* tile, float* y, float* dtile, float* dbias) {
     load_tile(s, N, b.R, n0, tile);
     std::fill(dtile, dtile + b.R * TILE, 0.f);
-    float gt[TILE] = {0.f}, lt[TILE] = {0.f};
+    // Lanes past N weigh nothing: exp(logit - inf) = 0, never 0 * exp(a large bias) = NaN.
+    float gt[TILE] = {0.f}, lt[TILE];
+    std::fill(lt, lt + TILE, std::numeric_limits<float>::infinity());
     for (int64_t t = 0; t < TILE && n0 + t < N; ++t) { gt[t] = g[n0 + t]; lt[t] = l[n0 + t]; }
     for (int64_t v0 = 0; v0 < b.V; v0 += CHUNK) {
       const int64_t C = std::min(CHUNK, b.V - v0);
@@ -217,6 +220,8 @@ std::vector<torch::Tensor> log_softmax_backward(torch::Tensor grad, torch::Tenso
                                                 torch::Tensor slots, torch::Tensor bias) {
   const Bags b = bags_of(scores, slots, bias);
   const int64_t N = scores.size(0), V = b.V;
+  check_same(grad, {N, V}, "grad");
+  check_same(lprobs, {N, V}, "lprobs");
   auto grad_scores = torch::empty_like(scores);
   const float* g = grad.data_ptr<float>();
   const float* lp = lprobs.data_ptr<float>();
@@ -241,135 +246,3 @@ std::vector<torch::Tensor> log_softmax_backward(torch::Tensor grad, torch::Tenso
   });
   return {grad_scores, grad_bias};
 }
-"""
-
-FUNCTIONS = ["logsumexp_forward", "logsumexp_backward", "log_softmax_forward", "log_softmax_backward"]
-# Portable flags: the binary runs on any CPU of its architecture, so a cache copied to another
-# machine still works.  -march=native (or x86-64-v3, AVX2) alone measured no faster: the exps
-# stay scalar.  With -ffast-math they vectorise (glibc's SIMD expf): the kernels ran 1.2-1.4x
-# faster, a demo-sized rshare training step 5-10%; but it lets the compiler assume there are
-# no infinities, and LogSumExp starts from -inf.
-CFLAGS = ["-O3", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
-
-_extension = None
-_extension_failed = False
-
-
-def compiler_version():
-    """First line of ``$CXX --version``: torch builds with $CXX, else ``c++``."""
-    command = shlex.split(os.environ.get("CXX", "c++")) + ["--version"]
-    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[0]
-
-
-def build_inputs():
-    """Everything that changes the compiled binary, here and now."""
-    return {
-        "source": [CPP_SOURCE, FUNCTIONS],
-        "flags": [CFLAGS, LDFLAGS],
-        "torch": torch.__version__,
-        "python": sys.implementation.cache_tag + getattr(sys, "abiflags", ""),
-        "compiler": compiler_version(),
-        "machine": platform.machine(),
-    }
-
-
-def build_key(inputs):
-    """12 hex digits naming a build of the kernels: one folder per binary, so two toolchains
-    (or torch versions, or source versions) sharing a cache never overwrite each other."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _load_or_build():
-    """Import the kernels from the folder of this build key, building them there first if its
-    library is missing.  A finished build is imported directly, without running ninja: ninja
-    would rebuild whenever another ninja version had written the folder's log."""
-    from torch.utils.cpp_extension import LIB_EXT, get_default_build_root, load_inline
-
-    name = "fairseq_rshare_fused_" + build_key(build_inputs())
-    folder = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), name)
-    library = os.path.join(folder, name + LIB_EXT)
-    if os.path.exists(library) and not os.path.exists(os.path.join(folder, "lock")):  # lock: a build in progress
-        spec = importlib.util.spec_from_file_location(name, library)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    print(f"fairseq_rshare: building the fused CPU kernels in {folder} (once per installation, about a minute) ...",
-          file=sys.stderr, flush=True)
-    started = time.time()
-    os.makedirs(folder, exist_ok=True)
-    module = load_inline(name=name, cpp_sources=[CPP_SOURCE], functions=FUNCTIONS, extra_cflags=CFLAGS,
-                         extra_ldflags=LDFLAGS, build_directory=folder)
-    print(f"fairseq_rshare: fused CPU kernels built in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-    return module
-
-
-def extension():
-    """The compiled kernels, or None where they cannot be built (then stock ops are used)."""
-    global _extension, _extension_failed
-    if _extension is None and not _extension_failed:
-        try:
-            _extension = _load_or_build()
-        except Exception as error:  # a missing compiler or ninja: fall back, say so once
-            _extension_failed = True
-            logger.warning("fairseq_rshare: fused output kernels unavailable (%s); using stock ops", error)
-    return _extension
-
-
-def _bias_or_empty(scores, bias):
-    return bias.float().contiguous() if bias is not None else scores.new_empty(0)
-
-
-class FusedLogSoftmaxOfBags(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, bags, bias):
-        bias = _bias_or_empty(scores, bias)
-        lprobs = extension().log_softmax_forward(scores, bags, bias)
-        ctx.save_for_backward(lprobs, scores, bags, bias)
-        return lprobs
-
-    @staticmethod
-    def backward(ctx, grad):
-        lprobs, scores, bags, bias = ctx.saved_tensors
-        grad_scores, grad_bias = extension().log_softmax_backward(grad.contiguous(), lprobs, scores, bags, bias)
-        return grad_scores, None, grad_bias if bias.numel() else None
-
-
-class FusedLogSumExpOfBags(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, bags, bias):
-        bias = _bias_or_empty(scores, bias)
-        lse = extension().logsumexp_forward(scores, bags, bias)
-        ctx.save_for_backward(scores, bags, bias, lse)
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        scores, bags, bias, lse = ctx.saved_tensors
-        grad_scores, grad_bias = extension().logsumexp_backward(grad.contiguous(), scores, bags, bias, lse)
-        return grad_scores, None, grad_bias if bias.numel() else None
-
-
-def _fused(scores):
-    return scores.dtype == torch.float32 and scores.device.type == "cpu" and extension() is not None
-
-
-def log_softmax_of_bags(scores, bags, bias=None):
-    """log_softmax over words of sum_k scores[:, bags[w, k]] (+ bias); scores is (N, R),
-    ``bags`` the (V, K) int32 table of score columns.  Returns (N, V)."""
-    if _fused(scores):
-        return FusedLogSoftmaxOfBags.apply(scores.contiguous(), bags, bias)
-    return F.log_softmax(stock_logits_of_bags(scores, bags, bias), dim=-1)
-
-
-def logsumexp_of_bags(scores, bags, bias=None):
-    """logsumexp over words of the same logits; returns (N,), never building (N, V)."""
-    if _fused(scores):
-        return FusedLogSumExpOfBags.apply(scores.contiguous(), bags, bias)
-    return torch.logsumexp(stock_logits_of_bags(scores, bags, bias), dim=-1)
-
-
-def stock_logits_of_bags(scores, bags, bias=None):
-    """The (N, V) logits with stock ops: ``embedding_bag`` over the transposed score table."""
-    logits = F.embedding_bag(bags, scores.t(), mode="sum").t()
-    return logits + bias if bias is not None else logits

@@ -9,12 +9,13 @@ from fairseq.models.lstm import (
 )
 from fairseq.models.lstm import base_architecture as lstm_base_architecture
 
-from .modules import RShareConfigError
-from .options import (
+from ..errors import RShareConfigError
+from .rshare_config import (
     add_rshare_args,
     build_rshare_embedding,
     check_share_all_embeddings,
     reject_adaptive_softmax,
+    reject_parent_flags,
     rshare_tables,
     set_rshare_defaults,
 )
@@ -31,6 +32,8 @@ class RShareLSTMModel(LSTMModel):
     @classmethod
     def build_model(cls, args, task):
         rshare_lstm_architecture(args)
+        reject_parent_flags(args, "rshare_lstm", ["encoder_embed_path", "encoder_freeze_embed",
+                                                  "decoder_embed_path", "decoder_freeze_embed"])
         if args.encoder_layers != args.decoder_layers:
             raise RShareConfigError("--encoder-layers must match --decoder-layers")
         args.max_source_positions = getattr(args, "max_source_positions", DEFAULT_MAX_SOURCE_POSITIONS)

@@ -17,8 +17,9 @@ import torch
 from fairseq import checkpoint_utils, tasks
 from omegaconf import OmegaConf
 
-from .modules import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
-from .options import RShareConfig
+from ..errors import RShareConfigError
+from ..models.rshare_config import RShareConfig
+from ..modules import RandomSharedEmbedding, RandomSharedOutput
 
 PARENT_ARCHS = {
     "rshare_lstm_lm": "lstm_lm",
@@ -64,7 +65,7 @@ def dense_state_dict(model, parent, tied):
     dense = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, RandomSharedEmbedding):
-            del state[f"{name}.pool"], state[f"{name}.mapping_fingerprint"]
+            del state[f"{name}.pool"], state[f"{name}.mapping_fingerprint"], state[f"{name}.mapping_version"]
             state.pop(f"{name}.word_scale", None)
             if id(module) not in dense:
                 dense[id(module)] = module.materialized_weight().detach()

@@ -5,12 +5,14 @@ from fairseq.models.lstm import LSTMDecoder
 from fairseq.models.lstm_lm import DEFAULT_MAX_TARGET_POSITIONS, LSTMLanguageModel
 from fairseq.models.lstm_lm import base_architecture as lstm_lm_base_architecture
 
-from .modules import RShareConfigError, SkipRenormalizationMixin
-from .options import (
+from ..errors import RShareConfigError
+from .rshare_decoder import SkipRenormalizationMixin
+from .rshare_config import (
     add_rshare_args,
     build_rshare_embedding,
     build_rshare_output,
     reject_adaptive_softmax,
+    reject_parent_flags,
     rshare_tables,
     set_rshare_defaults,
 )
@@ -79,6 +81,11 @@ class RShareLSTMDecoder(SkipRenormalizationMixin, LSTMDecoder):
 
 def build_rshare_lstm_decoder(args, dictionary, encoder_output_units, attention, tables, embed):
     """An RShareLSTMDecoder over `dictionary`; `embed` is the decoder input table or None (dense)."""
+    if args.share_decoder_input_output_embed and args.decoder_embed_dim != args.decoder_out_embed_dim:
+        raise RShareConfigError(
+            f"--share-decoder-input-output-embed needs --decoder-embed-dim ({args.decoder_embed_dim}) "
+            f"equal to --decoder-out-embed-dim ({args.decoder_out_embed_dim})"
+        )
     output = build_rshare_output(args, dictionary, args.decoder_out_embed_dim, tables, embed)
     return RShareLSTMDecoder(
         dictionary=dictionary,
@@ -108,6 +115,7 @@ class RShareLSTMLanguageModel(LSTMLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         rshare_lstm_lm_architecture(args)
+        reject_parent_flags(args, "rshare_lstm_lm", ["decoder_embed_path"])
         if getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = getattr(
                 args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS

@@ -1,11 +1,14 @@
-"""The --rshare-* flags, shared by every rshare architecture, and the table builders they drive."""
+"""The --rshare-* flags, shared by every rshare architecture, and the one table builder they drive."""
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
-from .modules import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
+import torch
+
+from ..errors import RShareConfigError
+from ..modules import RandomSharedEmbedding, RandomSharedOutput
 
 TABLES = ("encoder-input", "decoder-input", "decoder-output")
 
@@ -130,13 +133,26 @@ def most_frequent_words(dictionary, count):
     return sorted(words, key=lambda word: (-dictionary.count[word], word))[:count]
 
 
+def check_same_on_all_ranks(fingerprint):
+    """In distributed training every rank must regenerate the same table."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    fingerprints = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(fingerprints, fingerprint)
+    if len(set(fingerprints)) > 1:
+        raise RShareConfigError(
+            f"the ranks built different rshare mappings ({', '.join(fingerprints)}): start "
+            "every rank with the same --rshare-* flags and the same dictionary"
+        )
+
+
 def build_rshare_embedding(args, dictionary, embed_dim, table):
     if sum(dictionary.count[dictionary.nspecial:]) == 0:
         raise RShareConfigError(
             f"the {table} dictionary has no word seen in the data, only fairseq's special "
             "symbols: was the training data empty? Run fairseq-preprocess on a non-empty --trainpref"
         )
-    return RandomSharedEmbedding(
+    embedding = RandomSharedEmbedding(
         num_embeddings=len(dictionary),
         embedding_dim=embed_dim,
         padding_idx=dictionary.pad(),
@@ -147,6 +163,8 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
         seed=args.rshare_seed + SEED_OFFSETS[table],
         private_words=most_frequent_words(dictionary, args.rshare_frequent_words),
     )
+    check_same_on_all_ranks(embedding.fingerprint)
+    return embedding
 
 
 def check_tied(tables, first, second, flag):
@@ -195,6 +213,26 @@ def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
         )
     table = build_rshare_embedding(args, dictionary, output_dim, "decoder-output")
     return RandomSharedOutput(table, bias=args.rshare_output_bias, path=str(args.rshare_output_path))
+
+
+def reject_parent_flags(args, arch, flags):
+    """One line for a parent architecture's flag that this one does not carry out."""
+    for dest in flags:
+        if getattr(args, dest, None):
+            flag = "--" + dest.replace("_", "-")
+            raise RShareConfigError(f"{arch} does not support {flag}: drop it")
+
+
+def dense_embed_path(args, tables, table):
+    """--encoder/decoder-embed-path of a dense input table; an error for a random-shared one."""
+    side = table.split("-")[0]
+    path = getattr(args, f"{side}_embed_path", None)
+    if path and table in tables:
+        raise RShareConfigError(
+            f"--{side}-embed-path loads a dense table, but {table} is random-shared: drop the "
+            f"flag, or leave {table} out of --rshare-tables"
+        )
+    return path
 
 
 def reject_adaptive_softmax(args):

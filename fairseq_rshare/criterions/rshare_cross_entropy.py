@@ -7,7 +7,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 
-from .modules import RandomSharedOutput
+from ..modules import RandomSharedOutput
 
 logger = logging.getLogger(__name__)
 

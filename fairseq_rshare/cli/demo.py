@@ -17,11 +17,11 @@ import time
 
 import numpy as np
 
-from .checkpoints import parameters_by_component
-from .fused import extension
-from .tools import fairseq_tool, training_speed
+from ..checkpoints import parameters_by_component
+from ..kernels import extension
+from ..tools import fairseq_tool, training_speed
 
-USER_DIR = os.path.dirname(os.path.abspath(__file__))
+USER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the fairseq_rshare package
 SPLITS = ("train", "valid", "test")
 # Updates of each model: about 2 minutes each on 2 idle cores (~2 epochs of the generated corpus).
 MAX_UPDATE = 200

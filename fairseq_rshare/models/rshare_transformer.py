@@ -8,13 +8,14 @@ from fairseq.models.transformer import (
     transformer_iwslt_de_en,
 )
 
-from .modules import RShareConfigError
-from .rshare_transformer_decoder import RShareTransformerDecoder
-from .options import (
+from ..errors import RShareConfigError
+from .rshare_decoder import RShareTransformerDecoder
+from .rshare_config import (
     add_rshare_args,
     build_rshare_embedding,
     build_rshare_output,
     check_share_all_embeddings,
+    dense_embed_path,
     rshare_tables,
     set_rshare_defaults,
 )
@@ -43,9 +44,10 @@ class RShareTransformerModel(TransformerModel):
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
 
         def build_embedding(dictionary, embed_dim, table):
+            path = dense_embed_path(args, tables, table)
             if table in tables:
                 return build_rshare_embedding(args, dictionary, embed_dim, table)
-            return cls.build_embedding(args, dictionary, embed_dim)
+            return cls.build_embedding(args, dictionary, embed_dim, path)
 
         encoder_embed = build_embedding(src_dict, args.encoder_embed_dim, "encoder-input")
         if check_share_all_embeddings(args, tables, src_dict, tgt_dict):

@@ -1,0 +1,179 @@
+"""The random-shared token embedding (Li et al., AAAI 2018, arXiv 1711.09873)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import RShareConfigError
+from ..mapping import MAPPING_VERSION, POOL_KINDS, fingerprint, make_mapping
+
+# A checkpoint keeps the 60-bit fingerprint as four 15-bit numbers: fairseq's
+# scripts/average_checkpoints.py sums integer buffers over the checkpoints, then floor-divides,
+# which keeps small numbers exact where one 60-bit number overflows int64.
+FINGERPRINT_BITS = 15
+FINGERPRINT_PARTS = 4
+
+
+def fingerprint_parts(digest):
+    """The hex fingerprint as FINGERPRINT_PARTS integers of FINGERPRINT_BITS bits, high first."""
+    value = int(digest, 16)
+    mask = (1 << FINGERPRINT_BITS) - 1
+    return [(value >> (FINGERPRINT_BITS * i)) & mask for i in reversed(range(FINGERPRINT_PARTS))]
+
+
+def fingerprint_of_parts(parts):
+    value = 0
+    for part in parts:
+        value = (value << FINGERPRINT_BITS) | int(part)
+    return f"{value:015x}"
+
+
+# Slot indices stay below 2**31 so that every index kernel (and int32 users) can address them.
+MAX_SLOTS = 2**31 - 1
+
+
+def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind, private_words=0):
+    """Raise RShareConfigError naming the flag to change when the table cannot be built
+    (private_words: how many words get private entries)."""
+    V, H, K, M, F = num_words, embed_dim, num_subvectors, pool_size, private_words
+    if K <= 0:
+        raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
+    if M <= 0:
+        raise RShareConfigError(f"--rshare-pool-size must be positive, got {M}")
+    if K > H:
+        raise RShareConfigError(
+            f"--rshare-subvectors {K} is larger than the embedding dim {H}: use at most {H}"
+        )
+    if H % K:
+        raise RShareConfigError(
+            f"embedding dim {H} is not divisible by --rshare-subvectors {K}: "
+            f"pick a divisor of {H}"
+        )
+    if pool_kind not in POOL_KINDS:
+        raise RShareConfigError(f"--rshare-pool-kind must be one of {POOL_KINDS}, got {pool_kind!r}")
+    if M < K:
+        raise RShareConfigError(
+            f"--rshare-pool-size {M} is smaller than --rshare-subvectors {K}: use at least {K}"
+        )
+    if pool_kind == "position" and M % K:
+        raise RShareConfigError(
+            f"--rshare-pool-size {M} is not divisible by --rshare-subvectors {K} "
+            f"(per-position pools): use {M - M % K} or {M - M % K + K}, or --rshare-pool-kind global"
+        )
+    if pool_kind == "position" and M // K < 2:
+        raise RShareConfigError(
+            f"--rshare-pool-size {M} leaves one entry per position, so every word would get "
+            f"the same vector: use at least {2 * K} (or a larger --rshare-ratio)"
+        )
+    if V * K > MAX_SLOTS:
+        raise RShareConfigError(
+            f"a vocabulary of {V} words with --rshare-subvectors {K} has {V * K} slots, more "
+            f"than the {MAX_SLOTS} supported: use fewer sub-vectors or a smaller vocabulary"
+        )
+    if M >= V * K:
+        raise RShareConfigError(
+            f"--rshare-pool-size {M} gives no compression for a vocabulary of {V} words "
+            f"with {K} sub-vectors: use fewer than {V * K} entries (or a dense table)"
+        )
+    if F and M - F * K < 2 * K:
+        raise RShareConfigError(
+            f"--rshare-frequent-words {F} leaves fewer than 2 shared entries per position in a "
+            f"pool of {M}: use at most {M // K - 2} (or a larger pool)"
+        )
+
+
+class RandomSharedEmbedding(nn.Module):
+    """Token embedding whose V x H matrix is K sub-vectors per word, drawn from a pool of M.
+
+    Only ``pool`` (M x H/K) is trained.  ``mapping`` (V x K, pool row of each slot) is
+    regenerated from the settings and is not saved; ``mapping_fingerprint`` is saved, and
+    loading weights made with a different table is an error.  ``private_words`` (the
+    frequency-aware variant) get entries no other word uses; ``word_scale`` adds a trained
+    scale per word and sub-vector.
+    """
+
+    def __init__(
+        self,
+        num_embeddings,
+        embedding_dim,
+        padding_idx,
+        num_subvectors,
+        pool_size,
+        pool_kind="position",
+        seed=1,
+        private_words=(),
+        word_scale=False,
+    ):
+        super().__init__()
+        private_words = [int(word) for word in private_words]
+        check_table_shape(
+            num_embeddings, embedding_dim, num_subvectors, pool_size, pool_kind, len(private_words)
+        )
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.num_subvectors = num_subvectors
+        self.pool_size = pool_size
+        self.pool_kind = pool_kind
+        self.seed = seed
+        self.private_words = private_words
+        mapping = make_mapping(num_embeddings, num_subvectors, pool_size, pool_kind, seed, private_words)
+        self.fingerprint = fingerprint(mapping)
+        self.register_buffer("mapping", torch.from_numpy(mapping), persistent=False)
+        self.register_buffer("mapping_fingerprint", torch.tensor(fingerprint_parts(self.fingerprint)))
+        self.register_buffer("mapping_version", torch.tensor(MAPPING_VERSION))
+        self.pool = nn.Parameter(torch.empty(pool_size, embedding_dim // num_subvectors))
+        nn.init.normal_(self.pool, mean=0.0, std=embedding_dim**-0.5)
+        # Optional per-word scales of the K sub-vectors (V*K numbers, started at 1): words that
+        # share an entry can still weigh it differently.
+        self.word_scale = nn.Parameter(torch.ones(num_embeddings, num_subvectors)) if word_scale else None
+
+    def forward(self, tokens):
+        vectors = F.embedding(self.mapping[tokens], self.pool)
+        if self.word_scale is not None:
+            vectors = vectors * self.word_scale[tokens].unsqueeze(-1)
+        vectors = vectors.flatten(-2)
+        if self.padding_idx is not None:
+            vectors = vectors.masked_fill(tokens.eq(self.padding_idx).unsqueeze(-1), 0.0)
+        return vectors
+
+    def materialized_weight(self):
+        """The V x H matrix this module stands for (pad row included, not zeroed)."""
+        vectors = self.pool[self.mapping]
+        if self.word_scale is not None:
+            vectors = vectors * self.word_scale.unsqueeze(-1)
+        return vectors.flatten(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Refuse weights of another table; read checkpoints saved before the fingerprint was
+        split in parts (one 60-bit number) and before the mapping version was recorded (1)."""
+        key, version_key = prefix + "mapping_fingerprint", prefix + "mapping_version"
+        stored = state_dict.get(key)
+        if stored is not None:
+            if stored.dim() == 0:
+                stored = state_dict[key] = torch.tensor(fingerprint_parts(f"{int(stored):015x}"))
+            stored_digest = fingerprint_of_parts(stored.tolist())
+            if stored_digest != self.fingerprint:
+                raise RShareConfigError(
+                    f"checkpoint table '{prefix.rstrip('.')}' was trained with mapping fingerprint "
+                    f"{stored_digest}, but these settings (V={self.num_embeddings}, "
+                    f"K={self.num_subvectors}, M={self.pool_size}, pool kind={self.pool_kind}, "
+                    f"seed={self.seed}, private words={len(self.private_words)}) regenerate "
+                    f"{self.fingerprint}: load it with the settings it was trained with (do not "
+                    "override --rshare-* flags)"
+                )
+            version = int(state_dict.setdefault(version_key, torch.tensor(1)))
+            if version != MAPPING_VERSION:
+                raise RShareConfigError(
+                    f"checkpoint table '{prefix.rstrip('.')}' was built by mapping algorithm "
+                    f"v{version}; this fairseq_rshare has v{MAPPING_VERSION}: install the "
+                    "fairseq_rshare that trained it"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, K={self.num_subvectors}, "
+            f"pool={self.pool_size} ({self.pool_kind}), seed={self.seed}, "
+            f"private_words={len(self.private_words)}, word_scale={self.word_scale is not None}, "
+            f"fingerprint={self.fingerprint}"
+        )

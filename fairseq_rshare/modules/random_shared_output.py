@@ -1,0 +1,157 @@
+"""The random-shared output layer: log-probabilities computed from the pool scores."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import RShareConfigError
+from ..kernels import extension, log_softmax_of_bags, logsumexp_of_bags
+from .random_shared_embedding import RandomSharedEmbedding
+
+OUTPUT_PATHS = ("auto", "pool-scores", "materialize")
+
+# What one pool score and one gathered word score cost, in multiply-adds of a dense matmul
+# (forward + backward, loss included), fitted on 2 CPU cores to the fused kernels: at V=10k,
+# H=200, K=8 pool-scores runs 2.7x faster than materialize with 200 entries per position and
+# 1.6x slower with 2000 (the pool-scores matmul has an inner dimension of only H/K, and a
+# large score table falls out of cache), as this predicts.
+SCORE_COST = 7
+
+
+def pool_scores_is_cheaper(num_words, embed_dim, num_subvectors, scores_per_token, device_type="cpu"):
+    """Cost model: the pool-scores path beats multiplying by the materialised V x H matrix.
+
+    Only on CPU, where the fused kernels run: elsewhere pool scores fall back to stock ops that
+    build tokens x V x K gathered scores, so the materialised matrix wins.  Per token, pool scores cost (scores per token) * H/K multiply-adds plus V*K gathered
+    scores, each about SCORE_COST dense multiply-adds; the materialised matrix costs V*H
+    multiply-adds (building it is once a batch).
+    """
+    if device_type != "cpu":
+        return False
+    V, H, K = num_words, embed_dim, num_subvectors
+    return SCORE_COST * (scores_per_token * H / K + V * K) < V * H
+
+
+class RandomSharedOutput(nn.Module):
+    """Output layer over a RandomSharedEmbedding: logit(w) = sum_k h_k . pool[mapping[w, k]].
+
+    Two ways to compute the same log-probabilities:
+    - pool-scores: the V x H matrix is never built.  Each token's K slices h_k are scored
+      against the pool entries they can meet (R scores: M for per-position pools, K*M for a
+      global pool), then each word sums its K scores: O(R*H/K + V*K) per token instead of
+      O(V*H).  The sums and the log-softmax are fused (see kernels/bags_cpu.cpp), and :meth:`loss`
+      (the ``rshare_cross_entropy`` criterion) never builds tokens x V at all.
+    - materialize: build the V x H matrix from the pool once a batch and multiply, as dense.
+      Faster when H/K is small or the pool is large (a dense matmul multiply-add is about
+      SCORE_COST times cheaper than a pool score or a gathered score).
+    ``path="auto"`` picks by :func:`pool_scores_is_cheaper`, a pure function of the shape and
+    the device the layer's parameters are on, so every rank and every reload on the same kind
+    of device takes the same path.  Forward returns log-probabilities;
+    they are normalised logits, and fairseq's own log-softmax over them changes nothing.
+    """
+
+    def __init__(self, table: RandomSharedEmbedding, bias=False, path="auto"):
+        super().__init__()
+        if path not in OUTPUT_PATHS:
+            raise RShareConfigError(f"--rshare-output-path must be one of {OUTPUT_PATHS}, got {path!r}")
+        self.table = table
+        K, M = table.num_subvectors, table.pool_size
+        if table.pool_kind == "position":
+            bags = table.mapping
+        else:
+            bags = table.mapping + torch.arange(K) * M
+        self.register_buffer("bags", bags.to(torch.int32).contiguous(), persistent=False)
+        slot_uses = torch.bincount(self.bags.flatten().long(), minlength=K * M if table.pool_kind == "global" else M)
+        self.register_buffer("slot_uses", slot_uses, persistent=False)
+        self._weight, self._weight_version = None, None
+        self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
+        if table.word_scale is not None:
+            if path == "pool-scores":
+                raise RShareConfigError(
+                    "--rshare-word-scale runs on the materialize output path only: use "
+                    "--rshare-output-path materialize or auto"
+                )
+            path = "materialize"
+        self.path_setting = path
+        if self.path_on("cpu") == "pool-scores" and not torch.cuda.is_available():
+            extension()  # compile or load the fused kernel now, not inside the first timed step
+
+    def path_on(self, device_type):
+        """The path this layer takes on a device type ("cpu", "cuda", ...)."""
+        if self.path_setting != "auto":
+            return self.path_setting
+        table = self.table
+        K, M = table.num_subvectors, table.pool_size
+        scores_per_token = M if table.pool_kind == "position" else K * M
+        cheaper = pool_scores_is_cheaper(table.num_embeddings, table.embedding_dim, K, scores_per_token, device_type)
+        return "pool-scores" if cheaper else "materialize"
+
+    @property
+    def path(self):
+        """The path taken where the parameters are now."""
+        return self.path_on(self.table.pool.device.type)
+
+    def forward(self, features):
+        if self.path == "materialize":
+            return self.materialized_forward(features)
+        lprobs = log_softmax_of_bags(self.pool_scores(features), self.bags, self.bias)
+        return lprobs.reshape(*features.shape[:-1], -1)
+
+    def pool_scores(self, features):
+        """(tokens, R) scores of each token's K slices against the pool entries they can meet."""
+        K, M = self.table.num_subvectors, self.table.pool_size
+        slices = features.reshape(-1, K, features.shape[-1] // K).transpose(0, 1)
+        if self.table.pool_kind == "position":
+            pools = self.table.pool.view(K, M // K, -1)
+            scores = torch.bmm(slices, pools.transpose(1, 2))
+        else:
+            scores = torch.matmul(slices, self.table.pool.t())
+        scores = scores.transpose(0, 1).reshape(slices.shape[1], -1)
+        return scores if scores.dtype == torch.float64 else scores.float()
+
+    def loss(self, features, target, label_smoothing=0.0, ignore_index=None):
+        """Summed (label-smoothed) cross-entropy and summed NLL, as fairseq's
+        ``label_smoothed_nll_loss`` computes them from log-probabilities, but from the pool
+        scores: -log p(target) = logsumexp - logit(target), and the smoothing term needs only
+        the sum of all logits, sum_w logit(w) = sum_r (uses of score r) * score r.  Nothing of
+        size tokens x V is built, in the forward or the backward.
+        """
+        scores = self.pool_scores(features)
+        target = target.reshape(-1)
+        logsumexp = logsumexp_of_bags(scores, self.bags, self.bias)
+        target_logit = scores.gather(1, self.bags[target].long()).sum(1)
+        if self.bias is not None:
+            target_logit = target_logit + self.bias[target]
+        nll = logsumexp - target_logit
+        keep = target.ne(ignore_index) if ignore_index is not None else torch.ones_like(nll, dtype=torch.bool)
+        nll_loss = nll.masked_fill(~keep, 0.0).sum()
+        if not label_smoothing:
+            return nll_loss, nll_loss
+        V = self.table.num_embeddings
+        logit_sum = scores @ self.slot_uses.to(scores.dtype)
+        if self.bias is not None:
+            logit_sum = logit_sum + self.bias.sum()
+        smooth_loss = (V * logsumexp - logit_sum).masked_fill(~keep, 0.0).sum()
+        eps_i = label_smoothing / (V - 1)
+        return (1.0 - label_smoothing - eps_i) * nll_loss + eps_i * smooth_loss, nll_loss
+
+    def materialized_forward(self, features):
+        """Log-probabilities through the V x H matrix built from the pool."""
+        logits = F.linear(features, self.materialized_weight(), self.bias)
+        return F.log_softmax(logits, dim=-1, dtype=torch.float32 if logits.dtype != torch.float64 else None)
+
+    def materialized_weight(self):
+        """The V x H matrix, rebuilt for every training call; in eval mode under no_grad
+        (generation, eval-lm) it is kept until the pool changes, not rebuilt every step."""
+        if self.training or torch.is_grad_enabled():
+            return self.table.materialized_weight()
+        version = tuple((p.data_ptr(), p._version, p.dtype) for p in self.table.parameters())
+        if self._weight_version != version:
+            self._weight, self._weight_version = self.table.materialized_weight(), version
+        return self._weight
+
+    def train(self, mode=True):
+        self._weight = self._weight_version = None  # training keeps no V x H copy around
+        return super().train(mode)
+
+    def extra_repr(self):
+        return f"path={self.path}, bias={self.bias is not None}"
