@@ -28,13 +28,14 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def build(layer, variant, V, H, K, ratio):
+    from fairseq_rshare.models.rshare_config import pool_size_of_ratio
     from fairseq_rshare.modules import RandomSharedEmbedding, RandomSharedOutput
 
     if variant == "dense":
         if layer == "output":
             return torch.nn.Linear(H, V, bias=False)
         return torch.nn.Embedding(V, H, padding_idx=1)
-    table = RandomSharedEmbedding(V, H, 1, K, max(2 * K, round(ratio * V) * K))
+    table = RandomSharedEmbedding(V, H, 1, K, pool_size_of_ratio(V, K, ratio))
     return RandomSharedOutput(table, path="pool-scores") if layer == "output" else table
 
 

@@ -26,7 +26,6 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -34,16 +33,13 @@ import numpy as np
 
 from bench_layers import save_results
 
+from fairseq_rshare.tools import environment_with_tools, fairseq_tool, training_speed
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 USER_DIR = os.path.join(REPO, "fairseq_rshare")
 RESULTS = os.path.join(HERE, "results")
 MULTI30K = os.environ.get("RSHARE_DATA", os.path.join(REPO, "..", "shared", "data")) + "/multi30k"
-
-
-def tool(name):
-    local = os.path.join(os.path.dirname(sys.executable), name)
-    return local if os.path.exists(local) else name
 
 
 def synthetic_lm_data(folder, vocabulary, tokens, seed=0):
@@ -59,7 +55,7 @@ def synthetic_lm_data(folder, vocabulary, tokens, seed=0):
             for line in np.array_split(ids, max(1, count // 35)):
                 f.write(" ".join(f"w{i}" for i in line) + "\n")
     subprocess.run(
-        [tool("fairseq-preprocess"), "--only-source", "--srcdict", os.path.join(folder, "dict.src"),
+        [*fairseq_tool("fairseq-preprocess"), "--only-source", "--srcdict", os.path.join(folder, "dict.src"),
          "--trainpref", os.path.join(folder, "train.txt"), "--validpref", os.path.join(folder, "valid.txt"),
          "--destdir", os.path.join(folder, "bin"), "--workers", "2"],
         check=True, capture_output=True,
@@ -71,8 +67,7 @@ def multi30k_data(folder):
     """Multi30k de-en through recipes/translation.sh's prepare step (sentencepiece, 8k joint)."""
     subprocess.run(
         ["bash", os.path.join(REPO, "recipes", "translation.sh")], check=True, capture_output=True,
-        env={**os.environ, "STEPS": "prepare", "DATA": MULTI30K, "WORK": folder,
-             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
+        env={**environment_with_tools(), "STEPS": "prepare", "DATA": MULTI30K, "WORK": folder},
     )
     return os.path.join(folder, "data-bin")
 
@@ -83,11 +78,11 @@ def evaluation_speed(kind, data_bin, save_dir, flags):
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     common = [data_bin, "--user-dir", USER_DIR, "--cpu", "--path", checkpoint]
     if kind == "lm":
-        command = [tool("fairseq-eval-lm"), *common, "--gen-subset", "valid", "--tokens-per-sample", "35",
+        command = [*fairseq_tool("fairseq-eval-lm"), *common, "--gen-subset", "valid", "--tokens-per-sample", "35",
                    "--max-tokens", "2240", "--required-batch-size-multiple", "1"]
         pattern, keys = r"Evaluated [\d,]+ tokens in [\d.]+s \(([\d.]+) tokens/s\)", ("eval_tokens_per_second",)
     else:
-        command = [tool("fairseq-generate"), *common, "--gen-subset", "test", "--beam", "5", "--batch-size", "64",
+        command = [*fairseq_tool("fairseq-generate"), *common, "--gen-subset", "test", "--beam", "5", "--batch-size", "64",
                    "--max-len-a", "1.2", "--max-len-b", "10", "--source-lang", "de", "--target-lang", "en"]
         pattern = r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)"
         keys = ("generate_sentences_per_second", "generate_tokens_per_second")
@@ -103,7 +98,7 @@ def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None):
     """One fairseq-train process: its words/s, peak RSS and checkpoint bytes (None when it failed),
     then evaluation_speed(evaluate, ...) of its checkpoint when evaluate is "lm" or "nmt"."""
     shutil.rmtree(save_dir, ignore_errors=True)
-    command = [tool("fairseq-train"), data_bin, "--user-dir", USER_DIR, "--cpu", "--seed", "1",
+    command = [*fairseq_tool("fairseq-train"), data_bin, "--user-dir", USER_DIR, "--cpu", "--seed", "1",
                "--required-batch-size-multiple", "1", "--disable-validation", "--save-dir", save_dir,
                "--no-epoch-checkpoints", "--log-format", "simple", "--no-progress-bar", *flags]
     cap = None
@@ -118,10 +113,10 @@ def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None):
         log.seek(0)
         text = log.read()
     result = {"peak_rss_mb": round(usage.ru_maxrss / 1024), "ok": status == 0}
-    speeds = re.findall(r"\| train \| epoch \d+ \|.*?\| wps ([\d.]+) \|", text)
+    updates, words_per_second = training_speed(text)
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
-    if status == 0 and speeds and os.path.exists(checkpoint):
-        result.update(words_per_second=float(speeds[-1]), checkpoint_bytes=os.path.getsize(checkpoint))
+    if status == 0 and updates and os.path.exists(checkpoint):
+        result.update(words_per_second=words_per_second, checkpoint_bytes=os.path.getsize(checkpoint))
         if evaluate:
             result.update(evaluation_speed(evaluate, data_bin, save_dir, flags))
     elif "can't allocate memory" in text or "MemoryError" in text:

@@ -21,6 +21,20 @@ def fairseq_tool(name):
     return [sys.executable, "-m", "fairseq_cli." + name[len("fairseq-"):].replace("-", "_")]
 
 
+def environment_with_tools(environment=None):
+    """A copy of `environment` (os.environ) whose PATH starts with the running Python's
+    scripts, for a shell script (a recipe) that calls fairseq's tools by name."""
+    environment = dict(os.environ if environment is None else environment)
+    environment["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environment.get("PATH", "")
+    return environment
+
+
+def eval_lm_perplexity(eval_log):
+    """The perplexity fairseq-eval-lm reports last in its log text, or None."""
+    found = re.findall(r"Perplexity: ([\d.,]+)", eval_log)
+    return float(found[-1].replace(",", "")) if found else None
+
+
 def training_speed(train_log):
     """(updates, words/s) of a whole fairseq-train run, from its log text's end-of-epoch lines: each
     epoch's words (words per batch x its updates) over its time (its words / its wps)."""

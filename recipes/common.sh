@@ -41,7 +41,8 @@ variant_flags() {
   echo "$flags"
 }
 
-# train_variant NAME RUN_DIR FAIRSEQ_TRAIN_ARGS...: train one run into RUN_DIR; the command is
+# train_variant NAME RUN_DIR FAIRSEQ_TRAIN_ARGS...: train one run into RUN_DIR (no epoch
+# checkpoints unless CHECKPOINTS gives other flags, e.g. --keep-last-epochs 3); the command is
 # kept in RUN_DIR/train.cmd, its log in train.log, its wall time in train.seconds. A RUN_DIR
 # holding checkpoint_last.pt (a run stopped on the way) is resumed from it, as fairseq-train
 # does; delete RUN_DIR to start that run over.
@@ -56,7 +57,7 @@ train_variant() {
     rm -rf "$run"
   fi
   mkdir -p "$run"
-  printf '%q ' fairseq-train "$@" --seed 1 --save-dir "$run" --no-epoch-checkpoints \
+  printf '%q ' fairseq-train "$@" --seed 1 --save-dir "$run" ${CHECKPOINTS:---no-epoch-checkpoints} \
     --log-format simple --log-interval 50 --no-progress-bar $EXTRA >"$run/train.cmd"
   start=$(date +%s)
   PYTHONUNBUFFERED=1 bash "$run/train.cmd" >>"$run/train.log" 2>&1 \
@@ -66,12 +67,13 @@ train_variant() {
   grep "| valid |" "$run/train.log" | sed 's/.*| valid |/    valid |/' | tail -3
 }
 
-# record_variant NAME RUN_DIR METRIC_ARGS...: write $WORK/results/NAME.json (recipes/record_result.py).
+# record_variant NAME RUN_DIR CHECKPOINT METRIC_ARGS...: write $WORK/results/NAME.json
+# (recipes/record_result.py) for the evaluated CHECKPOINT.
 record_variant() {
-  local name=$1 run=$2
-  shift 2
+  local name=$1 run=$2 checkpoint=$3
+  shift 3
   python3 "$HERE/record_result.py" --out "$WORK/results/$name.json" --corpus "$CORPUS" \
-    --preset "$PRESET" --variant "$name" --checkpoint "$run/checkpoint_best.pt" \
+    --preset "$PRESET" --variant "$name" --checkpoint "$checkpoint" \
     --train-log "$run/train.log" --train-seconds "$(cat "$run/train.seconds")" \
     --command-file "$run/train.cmd" "$@"
 }

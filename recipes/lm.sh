@@ -98,7 +98,7 @@ for variant in $VARIANTS; do
     # One stream, the state carried over the whole test set (as Zaremba et al. evaluate).
     fairseq-eval-lm "$WORK/data-bin" $COMMON --path "$run/checkpoint_best.pt" --gen-subset test \
       --batch-size 1 --tokens-per-sample 35 >"$run/eval.log" 2>&1 || die "evaluating $variant failed: see $run/eval.log"
-    record_variant "$variant" "$run" --eval-log "$run/eval.log"
+    record_variant "$variant" "$run" "$run/checkpoint_best.pt" --eval-log "$run/eval.log"
   fi
 done
 step "done: results in $WORK/results; tabulate with python3 $HERE/results_table.py $WORK/results"

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from fairseq_rshare.checkpoints import parameters_by_component  # noqa: E402
+from fairseq_rshare.tools import eval_lm_perplexity  # noqa: E402
 from fairseq_rshare.tools import training_speed as words_per_second_of_run  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def perplexity(eval_log):
     with open(eval_log) as f:
         text = f.read()
     return {
-        "test_ppl": number(last_match(r"Perplexity: ([\d.,]+)", text, "perplexity", eval_log)),
+        "test_ppl": eval_lm_perplexity(text) or fail(f"{eval_log} has no perplexity: did that step finish? (see the log)"),
         "eval_tokens_per_second": number(
             last_match(r"\(([\d.,]+) tokens/s\)", text, "evaluation speed", eval_log)
         ),

@@ -1,8 +1,9 @@
 import os
 import subprocess
-import sys
 
 import pytest
+
+from fairseq_rshare.tools import fairseq_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_rshare")
@@ -22,8 +23,7 @@ def shared_corpus(name):
 
 def fairseq(tool, *args, check=True, stdin=None, cwd=None):
     """Run a stock fairseq command-line tool; return the CompletedProcess (stdout+stderr text)."""
-    executable = os.path.join(os.path.dirname(sys.executable), tool)
-    command = [executable if os.path.exists(executable) else tool, *map(str, args)]
+    command = [*fairseq_tool(tool), *map(str, args)]
     result = subprocess.run(
         command, input=stdin, capture_output=True, text=True, cwd=cwd,
         env={**os.environ, "OMP_NUM_THREADS": "2"},

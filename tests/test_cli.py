@@ -10,6 +10,7 @@ import torch
 from fairseq.data import Dictionary
 
 from conftest import USER_DIR, fairseq
+from fairseq_rshare.tools import eval_lm_perplexity
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +85,7 @@ def test_lm_arch_trains_and_eval_lm_scores(case, trained, lm_data):
     result = fairseq("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", checkpoint,
                      "--gen-subset", "test", "--tokens-per-sample", "32", "--cpu",
                      "--required-batch-size-multiple", "1")
-    perplexity = float(re.findall(r"Perplexity: ([\d.]+)", result.stderr + result.stdout)[-1])
+    perplexity = eval_lm_perplexity(result.stderr + result.stdout)
     vocabulary = len(open(lm_data / "dict.txt").readlines()) + 4
     assert math.isfinite(perplexity) and perplexity < vocabulary / 2
 
@@ -178,6 +179,7 @@ FUSED_LOSS_CASES = {
     "transformer_lm": (lm_task(), LM_CASES["transformer_lm"], "0"),
     "lstm_share_all": (NMT_TASK, NMT_CASES["lstm_share_all"], "0.1"),
     "transformer": (NMT_TASK, NMT_CASES["transformer"], "0.1"),
+    "lstm_lm_materialize": (lm_task(), [*LM_CASES["lstm_lm"], "--rshare-output-path", "materialize"], "0"),
 }
 
 
@@ -189,12 +191,13 @@ def test_rshare_cross_entropy_trains_as_label_smoothed_cross_entropy(case, lm_da
     data = lm_data if task[1] == "language_modeling" else nmt_data
     losses = []
     for criterion in ("label_smoothed_cross_entropy", "rshare_cross_entropy"):
+        path = () if "--rshare-output-path" in flags else ("--rshare-output-path", "pool-scores")
         result = train(data, tmp_path / criterion, task, flags, max_update=4, extra=(
-            "--rshare-output-path", "pool-scores", "--criterion", criterion,
+            *path, "--criterion", criterion,
             "--label-smoothing", smoothing, "--log-interval", "1", "--disable-validation"))
         log = result.stdout + result.stderr
         losses.append([float(x) for x in re.findall(r"\| train_inner \|.*? loss=([\d.]+)", log)])
-    assert "rshare_cross_entropy: loss from the pool scores" in log
+    assert ("loss from log-probabilities" if "materialize" in case else "loss from the pool scores") in log
     assert len(losses[0]) == 4
     assert losses[0] == pytest.approx(losses[1], abs=2e-3)
 

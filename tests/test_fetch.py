@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from conftest import REPO, shared_corpus
+from fairseq_rshare.tools import environment_with_tools
 
 RECIPES = os.path.join(REPO, "recipes")
 CORPORA = runpy.run_path(os.path.join(RECIPES, "fetch_data.py"))["CORPORA"]
@@ -116,9 +117,8 @@ def test_a_different_file_already_there_is_not_overwritten(mirror, tmp_path):
 
 
 def recipe_env(tmp_path, **variables):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RSHARE_DATA": str(tmp_path / "no-shared-data"),
-            "XDG_CACHE_HOME": str(tmp_path / "cache"),
-            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **variables}
+    return {**environment_with_tools(), "OMP_NUM_THREADS": "1", "RSHARE_DATA": str(tmp_path / "no-shared-data"),
+            "XDG_CACHE_HOME": str(tmp_path / "cache"), **variables}
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, shared_corpus
+from fairseq_rshare.tools import environment_with_tools
 
 RECIPES = os.path.join(REPO, "recipes")
 MARKUP = re.compile(r"</?(seg|doc|url|talkid|keywords|speaker|title|description|refset|srcset)\b|&(amp|lt|gt|quot);")
@@ -16,8 +18,9 @@ MARKUP = re.compile(r"</?(seg|doc|url|talkid|keywords|speaker|title|description|
 
 def recipe(script, tmp_path, check=True, path=None, **variables):
     """Run a recipe with the given variables; return the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **{k: str(v) for k, v in variables.items()}}
-    env["PATH"] = path or os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    env = {**environment_with_tools(), "OMP_NUM_THREADS": "2", **{k: str(v) for k, v in variables.items()}}
+    if path:
+        env["PATH"] = path
     result = subprocess.run(["bash", os.path.join(RECIPES, script)], capture_output=True, text=True,
                             env=env, cwd=tmp_path)
     if check and result.returncode:
@@ -156,7 +159,7 @@ def test_lm_recipe_resumes_a_stopped_run(tmp_path):
         assert json.load(f)["updates"] == 20
 
 
-def check_results(results_dir, variants, metric, better_than):
+def check_results(results_dir, variants, metric, better_than, checkpoint="checkpoint_best.pt"):
     results = {}
     for variant in variants:
         with open(os.path.join(results_dir, f"{variant}.json")) as f:
@@ -164,7 +167,7 @@ def check_results(results_dir, variants, metric, better_than):
         value = results[variant][metric]
         assert math.isfinite(value) and better_than(value), (variant, value)
         assert results[variant]["checkpoint_bytes"] == os.path.getsize(
-            os.path.join(results_dir, "..", variant, "checkpoint_best.pt"))
+            os.path.join(results_dir, "..", variant, checkpoint))
         assert results[variant]["words_per_second"] > 0
     assert not [name for name in os.listdir(results_dir) if not name.endswith(".json")]
     return results
@@ -200,7 +203,14 @@ def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
 def test_translation_recipe_end_to_end_shortened(tmp_path):
     data = shared_corpus("multi30k")
     recipe("translation.sh", tmp_path, DATA=data, PRESET="smoke", WORK=tmp_path / "work")
-    results = check_results(tmp_path / "work/results", ["dense", "rshare-0.1"], "test_bleu", lambda bleu: bleu > 1)
+    results = check_results(tmp_path / "work/results", ["dense", "rshare-0.1"], "test_bleu", lambda bleu: bleu > 1,
+                            checkpoint="checkpoint_average.pt")
+    run = tmp_path / "work/rshare-0.1"
+    epochs = [torch.load(run / f"checkpoint{epoch}.pt", weights_only=False)["model"] for epoch in (1, 2)]
+    average = torch.load(run / "checkpoint_average.pt", weights_only=False)["model"]
+    for key, value in average.items():
+        expected = (epochs[0][key] + epochs[1][key]) / 2 if value.is_floating_point() else epochs[1][key]
+        assert torch.allclose(value, expected, atol=1e-6) and value.dtype == epochs[1][key].dtype, key
     assert results["rshare-0.1"]["sacrebleu_signature"].startswith("nrefs:1|case:mixed")
     assert len(lines_of(tmp_path / "work/rshare-0.1/test.hyp")) == 1000
     assert "test BLEU" in tabulate(tmp_path / "work/results", tmp_path)

@@ -1,7 +1,6 @@
 """Faults through the real fairseq CLI: SIGKILL and resume, distributed ranks, bad checkpoints, bad data."""
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -9,6 +8,7 @@ import subprocess
 import pytest
 
 from conftest import USER_DIR, fairseq, shared_corpus
+from fairseq_rshare.tools import fairseq_tool
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,9 @@ def final_valid_loss(log):
     return float(re.findall(r"valid on 'valid' subset \| loss ([\d.]+)", log)[-1])
 
 
-def fairseq_command(tool):
-    return shutil.which(tool) or tool
-
-
 def start(tool, *args):
     return subprocess.Popen(
-        [fairseq_command(tool), *map(str, args)], stdout=subprocess.PIPE,
+        [*fairseq_tool(tool), *map(str, args)], stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
     )

@@ -10,7 +10,6 @@ test.txt (one tokenised sentence a line), e.g. Mikolov's PTB.
 """
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 
 from ..checkpoints import parameters_by_component
 from ..kernels import extension
-from ..tools import fairseq_tool, training_speed
+from ..tools import eval_lm_perplexity, fairseq_tool, training_speed
 
 USER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the fairseq_rshare package
 SPLITS = ("train", "valid", "test")
@@ -116,7 +115,7 @@ def train_and_evaluate(name, model_flags, data_bin, work_dir, max_update, hidden
         ],
         os.path.join(work_dir, f"{name}.eval.log"),
     )
-    perplexity = float(re.findall(r"Perplexity: ([\d.]+)", eval_log)[-1])
+    perplexity = eval_lm_perplexity(eval_log)
     return {
         "name": name,
         "updates": updates,

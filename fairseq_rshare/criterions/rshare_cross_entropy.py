@@ -1,6 +1,7 @@
 """rshare_cross_entropy: fairseq's label-smoothed cross-entropy, computed from the pool scores."""
 import logging
 
+import torch.nn.functional as F
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
@@ -24,8 +25,20 @@ class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
     announced = False  # which path the loss takes is logged once
 
+    def compute_loss(self, model, net_output, sample, reduce=True):
+        """The parent's loss from log-probabilities; without label smoothing, the NLL alone:
+        the parent's smoothing term, weighted 0, would still cost a tokens x V pass forward
+        and backward."""
+        if self.eps or not reduce:
+            return super().compute_loss(model, net_output, sample, reduce)
+        lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
+        nll_loss = F.nll_loss(lprobs, target, ignore_index=self.padding_idx, reduction="sum")
+        return nll_loss, nll_loss
+
     def forward(self, model, sample, reduce=True):
         output = getattr(getattr(model, "decoder", None), "output_projection", None)
+        if isinstance(output, RandomSharedOutput) and model.training:
+            output.measure_path_once(sample["ntokens"])
         fused = isinstance(output, RandomSharedOutput) and output.path == "pool-scores"
         fused = fused and not self.report_accuracy and reduce
         if not self.announced:

@@ -115,7 +115,12 @@ def pool_size_for(args, num_words, table):
         raise RShareConfigError(f"{flag} must be between 0 and 1 (exclusive), got {ratio}")
     if K <= 0:
         raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
-    return max(2 * K, round(ratio * num_words) * K)
+    return pool_size_of_ratio(num_words, K, ratio)
+
+
+def pool_size_of_ratio(num_words, num_subvectors, ratio):
+    """M for a table `ratio` the size of the dense one: ratio*V entries per position, at least 2."""
+    return max(2 * num_subvectors, round(ratio * num_words) * num_subvectors)
 
 
 def most_frequent_words(dictionary, count):

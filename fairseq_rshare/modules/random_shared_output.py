@@ -1,4 +1,7 @@
 """The random-shared output layer: log-probabilities computed from the pool scores."""
+import logging
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -7,7 +10,12 @@ from ..errors import RShareConfigError
 from ..kernels import extension, log_softmax_of_bags, logsumexp_of_bags
 from .random_shared_embedding import RandomSharedEmbedding
 
+logger = logging.getLogger(__name__)
+
 OUTPUT_PATHS = ("auto", "pool-scores", "materialize")
+
+# Timed steps of each path (after one warm-up) when `auto` measures them.
+MEASURED_STEPS = 3
 
 # What one pool score and one gathered word score cost, in multiply-adds of a dense matmul
 # (forward + backward, loss included), fitted on 2 CPU cores to the fused kernels: at V=10k,
@@ -43,9 +51,10 @@ class RandomSharedOutput(nn.Module):
     - materialize: build the V x H matrix from the pool once a batch and multiply, as dense.
       Faster when H/K is small or the pool is large (a dense matmul multiply-add is about
       SCORE_COST times cheaper than a pool score or a gathered score).
-    ``path="auto"`` picks by :func:`pool_scores_is_cheaper`, a pure function of the shape and
-    the device the layer's parameters are on, so every rank and every reload on the same kind
-    of device takes the same path.  Forward returns log-probabilities;
+    ``path="auto"`` on CPU times both at the first training step (:meth:`measure_path_once`,
+    every rank taking rank 0's choice); until then, in evaluation-only runs and on other
+    devices, it picks by :func:`pool_scores_is_cheaper`, a pure function of the shape and the
+    device.  Forward returns log-probabilities;
     they are normalised logits, and fairseq's own log-softmax over them changes nothing.
     """
 
@@ -72,6 +81,7 @@ class RandomSharedOutput(nn.Module):
                 )
             path = "materialize"
         self.path_setting = path
+        self.measured_path = None
         if self.path_on("cpu") == "pool-scores" and not torch.cuda.is_available():
             extension()  # compile or load the fused kernel now, not inside the first timed step
 
@@ -87,10 +97,56 @@ class RandomSharedOutput(nn.Module):
 
     @property
     def path(self):
-        """The path taken where the parameters are now."""
-        return self.path_on(self.table.pool.device.type)
+        """The path taken where the parameters are now: the measured one once there is one."""
+        device_type = self.table.pool.device.type
+        if self.measured_path is not None and device_type == "cpu":
+            return self.measured_path
+        return self.path_on(device_type)
+
+    def measure_path_once(self, num_tokens):
+        """With path "auto" on CPU, time both paths once, on this many tokens (forward and
+        backward of the loss, as training runs them), and keep the faster from then on; in
+        distributed training every rank takes rank 0's choice, so all run the same code."""
+        if self.measured_path is not None or self.path_setting != "auto" or self.table.pool.device.type != "cpu":
+            return
+        seconds = {path: self.time_path(path, max(1, num_tokens)) for path in ("pool-scores", "materialize")}
+        choice = min(seconds, key=seconds.get)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shared = [choice]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            choice = shared[0]
+        self.measured_path = choice
+        logger.info(
+            "rshare output layer (V=%d, H=%d, K=%d, M=%d), %d tokens, forward+backward: "
+            "pool-scores %.1f ms, materialize %.1f ms: taking %s",
+            self.table.num_embeddings, self.table.embedding_dim, self.table.num_subvectors,
+            self.table.pool_size, num_tokens, 1000 * seconds["pool-scores"], 1000 * seconds["materialize"], choice,
+        )
+
+    def time_path(self, path, num_tokens):
+        """Seconds per training step of the loss through `path`, on random features."""
+        generator = torch.Generator().manual_seed(0)
+        features = torch.randn(num_tokens, self.table.embedding_dim, generator=generator,
+                               dtype=self.table.pool.dtype).requires_grad_()
+        target = torch.randint(self.table.num_embeddings, (num_tokens,), generator=generator)
+        inputs = [features] + [p for p in self.parameters() if p.requires_grad]
+
+        def step():
+            if path == "pool-scores":
+                loss = self.loss(features, target)[0]
+            else:
+                loss = F.nll_loss(self.materialized_forward(features), target, reduction="sum")
+            torch.autograd.grad(loss, inputs)  # the gradients are dropped: no .grad is touched
+
+        step()
+        start = time.perf_counter()
+        for _ in range(MEASURED_STEPS):
+            step()
+        return (time.perf_counter() - start) / MEASURED_STEPS
 
     def forward(self, features):
+        if self.training and torch.is_grad_enabled():
+            self.measure_path_once(features.numel() // features.shape[-1])
         if self.path == "materialize":
             return self.materialized_forward(features)
         lprobs = log_softmax_of_bags(self.pool_scores(features), self.bags, self.bias)

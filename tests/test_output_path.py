@@ -1,0 +1,68 @@
+"""--rshare-output-path auto on CPU: measured at the first training step, the same on every rank."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput
+
+# A shape where the cost model picks pool-scores.
+SHAPE = dict(num_embeddings=2000, embedding_dim=64, padding_idx=1, num_subvectors=8, pool_size=160)
+
+
+def rigged(times):
+    return lambda self, path, num_tokens: times[path]
+
+
+def test_auto_takes_the_faster_measured_path(monkeypatch, caplog):
+    monkeypatch.setattr(RandomSharedOutput, "time_path", rigged({"pool-scores": 2.0, "materialize": 1.0}))
+    output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE))
+    assert output.path == "pool-scores"  # the cost model, before any training step
+    with caplog.at_level("INFO"):
+        output.train()(torch.randn(3, 5, 64))
+    assert output.path == "materialize"
+    assert "pool-scores 2000.0 ms, materialize 1000.0 ms: taking materialize" in caplog.text
+
+
+def test_evaluation_measures_nothing_and_a_forced_path_is_kept(monkeypatch):
+    def fail(*args):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(RandomSharedOutput, "time_path", fail)
+    auto = RandomSharedOutput(RandomSharedEmbedding(**SHAPE)).eval()
+    with torch.no_grad():
+        auto(torch.randn(4, 64))
+    assert auto.measured_path is None
+    for path in ("pool-scores", "materialize"):
+        forced = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), path=path).train()
+        forced(torch.randn(4, 64)).sum().backward()
+        assert forced.path == path
+
+
+def test_timing_touches_no_gradient():
+    output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), bias=True)
+    for path in ("pool-scores", "materialize"):
+        assert output.time_path(path, 16) > 0
+    assert all(p.grad is None for p in output.parameters())
+
+
+def rank_choice(rank, port, folder):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # Each rank measures the opposite: only rank 0's choice may count.
+    times = [{"pool-scores": 2.0, "materialize": 1.0}, {"pool-scores": 1.0, "materialize": 2.0}][rank]
+    RandomSharedOutput.time_path = rigged(times)
+    output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE)).train()
+    output(torch.randn(4, 64))
+    with open(os.path.join(folder, str(rank)), "w") as f:
+        f.write(output.path)
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_takes_rank_zeros_choice(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(rank_choice, args=(port, str(tmp_path)), nprocs=2)
+    assert [(tmp_path / str(rank)).read_text() for rank in (0, 1)] == ["materialize", "materialize"]
