@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from fairseq_rshare.checkpoints import load_checkpoint_to_cpu  # noqa: E402
+from fairseq_rshare.checkpoints import unreadable_checkpoint_reason  # noqa: E402
 
 
 def fail(message):
@@ -34,8 +34,16 @@ def last_epoch_checkpoints(folder, count):
     return [found[epoch] for epoch in sorted(found)[-count:]]
 
 
+def load(path):
+    """The checkpoint as fairseq saved it (plain containers, loadable with weights_only)."""
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - any unreadable file ends in one line
+        fail(f"cannot read {path}: {unreadable_checkpoint_reason(error) or error}")
+
+
 def average(paths):
-    states = [load_checkpoint_to_cpu(path) for path in paths]
+    states = [load(path) for path in paths]
     models = [state["model"] for state in states]
     averaged = {}
     for key, newest in models[-1].items():

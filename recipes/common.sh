@@ -28,7 +28,7 @@ variant_flags() {
   for suffix in "${parts[@]:2}"; do
     case $suffix in
       input)
-        [ -n "$INPUT_TABLES" ] || die "variant '$name': -input needs untied tables (this recipe ties them all)"
+        [ -n "$INPUT_TABLES" ] || die "variant '$name': -input needs untied tables (translation.sh: end the name with -untied)"
         flags="$flags --rshare-tables $INPUT_TABLES" ;;
       freq) flags="$flags --rshare-frequent-words $(awk "BEGIN { print int($ratio * $words / 2) }")" ;;
       bias) flags="$flags --rshare-output-bias" ;;

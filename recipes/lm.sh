@@ -26,6 +26,10 @@
 #               -freq            frequency aware: the R*V/2 most frequent words keep private
 #                                sub-vectors, the rest share the other half
 #               -bias            a per-word bias in the random-shared output layer
+#               -scale           a trained scale per word and sub-vector (--rshare-word-scale)
+#               -inR, -outR      the input tables', or the output table's, own ratio R
+#             and last, for the same-budget comparison (e.g. dense-h100, rshare-0.05-bias-h400):
+#               -hN              embedding, LSTM and output size N instead of the preset's
 #   WORK      output folder                                                 [work/lm-$CORPUS-$PRESET]
 #   STEPS     any of: prepare train evaluate                                [prepare train evaluate]
 #   EXTRA     extra fairseq-train flags, e.g. "--max-update 50"             []
@@ -44,8 +48,9 @@ INPUT_TABLES=decoder-input
 
 case $PRESET in
   cpu)
-    # At this shape (V=10k, H=200, K=8, 1,000 pool entries per position) building the V x H
-    # matrix once a batch is the faster output path.
+    # The output path fixed rather than measured (auto), so that every run computes the same
+    # way: at this shape (V=10k, H=200, K=8, 1,000 entries per position) building the V x H
+    # matrix once a batch was the faster.
     MODEL="--arch rshare_lstm_lm_ptb_small --rshare-output-path materialize"
     SCHEDULE="--optimizer sgd --lr 20 --clip-norm 0.25 --lr-scheduler fixed --force-anneal 5
               --lr-shrink 0.5 --max-epoch 13 --batch-size 20 --tokens-per-sample 20"
@@ -70,7 +75,13 @@ COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --ta
 [ "$PRESET" = gpu ] || COMMON="$COMMON --cpu"
 
 require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
-for variant in $VARIANTS; do variant_flags "$variant" 0 >/dev/null; done
+# size_flags VARIANT: the -hN size flags of a variant (nothing without -hN).
+size_flags() {
+  [[ $1 =~ -h([0-9]+)$ ]] || return 0
+  local n=${BASH_REMATCH[1]}
+  echo "--decoder-embed-dim $n --decoder-hidden-size $n --decoder-out-embed-dim $n"
+}
+for variant in $VARIANTS; do variant_flags "${variant%-h[0-9]*}" 0 >/dev/null; done
 
 if [[ " $STEPS " == *" prepare "* ]]; then
   for split in train valid test; do
@@ -90,7 +101,7 @@ for variant in $VARIANTS; do
   run="$WORK/$variant"
   if [[ " $STEPS " == *" train "* ]]; then
     train_variant "$variant" "$run" "$WORK/data-bin" $COMMON $MODEL $SCHEDULE --batch-size-valid 10 \
-      $(variant_flags "$variant" "$(dictionary_size "$WORK/data-bin/dict.txt")")
+      $(variant_flags "${variant%-h[0-9]*}" "$(dictionary_size "$WORK/data-bin/dict.txt")") $(size_flags "$variant")
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_best.pt" ] || die "$run/checkpoint_best.pt is missing: run the train step first"

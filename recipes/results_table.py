@@ -2,7 +2,8 @@
 
 Each (corpus, preset) group is compared with its dense run: the table gives every run's
 embedding+softmax parameters as a fraction of dense and its metric's change from dense; the
-plot shows perplexity or BLEU against embedding+softmax parameters, one panel per group.
+plot shows perplexity or BLEU against embedding+softmax parameters (or, with ``--params total``,
+against all parameters: the same-budget comparison), one panel per group.
 """
 import argparse
 import glob
@@ -49,8 +50,8 @@ def groups(results):
 def markdown(results):
     lines = [
         "| corpus | preset | run | metric | value | vs dense | emb+softmax params | of dense "
-        "| other params | checkpoint MB | train words/s | train min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| other params | total params | checkpoint MB | train words/s | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (corpus, preset), runs in groups(results).items():
         dense = next((r for r in runs if r["variant"] == "dense"), None)
@@ -64,13 +65,17 @@ def markdown(results):
             lines.append(
                 f"| {corpus} | {preset} | {run['variant']} | {METRICS[metric]} | {run[metric]:.2f} "
                 f"| {change} | {run['embedding_softmax_params']:,} | {fraction} "
-                f"| {run['params']['body']:,} | {run['checkpoint_bytes'] / 1e6:.1f} "
+                f"| {run['params']['body']:,} | {total_params(run):,} | {run['checkpoint_bytes'] / 1e6:.1f} "
                 f"| {run['words_per_second']:,.0f} | {run['train_seconds'] / 60:.1f} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def plot(results, path):
+def total_params(run):
+    return sum(run["params"].values())
+
+
+def plot(results, path, params="tables"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -79,13 +84,12 @@ def plot(results, path):
     for axis, ((corpus, preset), runs) in zip(axes[0], grouped.items()):
         metric = metric_of(runs[0])
         for run in runs:
-            dense = run["variant"] == "dense"
-            axis.scatter(run["embedding_softmax_params"], run[metric], marker="s" if dense else "o",
-                         color="black" if dense else "tab:blue")
-            axis.annotate(run["variant"], (run["embedding_softmax_params"], run[metric]),
-                          textcoords="offset points", xytext=(4, 4), fontsize=8)
+            dense = run["variant"].startswith("dense")
+            x = total_params(run) if params == "total" else run["embedding_softmax_params"]
+            axis.scatter(x, run[metric], marker="s" if dense else "o", color="black" if dense else "tab:blue")
+            axis.annotate(run["variant"], (x, run[metric]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.set_xscale("log")
-        axis.set_xlabel("embedding + softmax parameters")
+        axis.set_xlabel("all parameters" if params == "total" else "embedding + softmax parameters")
         axis.set_ylabel(METRICS[metric])
         axis.set_title(f"{corpus} ({preset} preset)")
         axis.grid(alpha=0.3)
@@ -98,12 +102,14 @@ def main(argv=None):
     parser.add_argument("results", nargs="+", help="results JSON files or folders holding them")
     parser.add_argument("--markdown", default="results.md", help="markdown table to write")
     parser.add_argument("--plot", default="results.png", help="PNG plot to write")
+    parser.add_argument("--params", choices=["tables", "total"], default="tables",
+                        help="the plot's x axis: embedding+softmax parameters, or all (same budget)")
     args = parser.parse_args(argv)
     results = load(args.results)
     table = markdown(results)
     with open(args.markdown, "w") as f:
         f.write(table)
-    plot(results, args.plot)
+    plot(results, args.plot, args.params)
     print(table)
     print(f"wrote {args.markdown} and {args.plot}")
 

@@ -26,6 +26,9 @@
 #               rshare-R       the one shared table random-shared at ratio R of dense
 #               rshare-R-freq  frequency aware: the R*V/2 most frequent subwords keep private
 #                              sub-vectors, the rest share the other half
+#             and the other suffixes of recipes/common.sh (-bias, -scale, -inR, -outR); a last
+#               -untied        three tables (encoder input, decoder input, output) instead of
+#                              one shared by all (--share-all-embeddings); -input then works
 #   VOCAB     joint sentencepiece vocabulary size              [8000; gpu 10000; smoke 2000]
 #   BEAM      beam size                                                     [5]
 #   WORK      output folder                                   [work/translation-$CORPUS-$PRESET]
@@ -76,7 +79,7 @@ case $PRESET in
   *) die "PRESET=$PRESET: use cpu, gpu or smoke" ;;
 esac
 CHECKPOINTS="--keep-last-epochs $AVERAGE"  # the epochs the evaluation averages
-TRAINING="--share-all-embeddings --criterion label_smoothed_cross_entropy --label-smoothing 0.1
+TRAINING="--criterion label_smoothed_cross_entropy --label-smoothing 0.1
           --optimizer adam --adam-betas (0.9,0.98) --lr-scheduler inverse_sqrt --weight-decay 0.0001
           --clip-norm 0.0"
 # fairseq 0.12 silently drops a last batch whose size is not a multiple of 8 (fairseq #5036).
@@ -85,7 +88,13 @@ COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1"
 
 require_tools fairseq-preprocess fairseq-train fairseq-generate sacrebleu python3
 require_modules sentencepiece
-for variant in $VARIANTS; do variant_flags "$variant" 0 >/dev/null; done
+# tying VARIANT: one table for all (--share-all-embeddings), or three with a last -untied; sets
+# INPUT_TABLES for variant_flags accordingly.
+tying() {
+  if [[ $1 == *-untied ]]; then INPUT_TABLES=encoder-input,decoder-input; else INPUT_TABLES=; fi
+}
+tying_flags() { [[ $1 == *-untied ]] || echo "--share-all-embeddings"; }
+for variant in $VARIANTS; do tying "$variant"; variant_flags "${variant%-untied}" 0 >/dev/null; done
 
 prepare_text() {
   local text=$WORK/text
@@ -144,8 +153,8 @@ for variant in $VARIANTS; do
   run="$WORK/$variant"
   if [[ " $STEPS " == *" train "* ]]; then
     train_variant "$variant" "$run" "$WORK/data-bin" --task translation --source-lang "$SRC" \
-      --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE \
-      $(variant_flags "$variant" "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")")
+      --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE $(tying_flags "$variant") \
+      $(tying "$variant"; variant_flags "${variant%-untied}" "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")")
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_last.pt" ] || die "$run/checkpoint_last.pt is missing: run the train step first"

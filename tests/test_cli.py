@@ -111,6 +111,31 @@ def test_interactive_translates_with_incremental_beam_search(trained, nmt_data):
     assert "S-2\t<unk> <unk> ." in result.stdout
 
 
+def with_path(path):
+    return ["--model-overrides", "{'rshare_output_path': '%s'}" % path]
+
+
+def test_eval_lm_and_generate_agree_on_both_output_paths(trained, lm_data, nmt_data):
+    """End to end through the fused kernels: eval-lm and beam search give what the
+    materialised V x H matrix gives."""
+    checkpoint = trained("lstm_lm") / "checkpoint_last.pt"
+    perplexities = []
+    for path in ("pool-scores", "materialize"):
+        result = fairseq("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", checkpoint,
+                         "--gen-subset", "test", "--tokens-per-sample", "32", "--cpu",
+                         "--required-batch-size-multiple", "1", *with_path(path))
+        perplexities.append(eval_lm_perplexity(result.stderr + result.stdout))
+    assert perplexities[0] == pytest.approx(perplexities[1], rel=1e-4)
+    checkpoint = trained("transformer") / "checkpoint_last.pt"
+    hypotheses = []
+    for path in ("pool-scores", "materialize"):
+        result = fairseq("fairseq-generate", nmt_data, "--user-dir", USER_DIR, "--path", checkpoint,
+                         "--gen-subset", "test", "--beam", "4", "--batch-size", "8", "--cpu",
+                         "--required-batch-size-multiple", "1", *with_path(path))
+        hypotheses.append(sorted(line.split("\t")[2] for line in result.stdout.splitlines() if line.startswith("H-")))
+    assert len(hypotheses[0]) == 20 and hypotheses[0] == hypotheses[1]
+
+
 LOGITS_SCRIPT = """
 import sys, torch, fairseq_rshare
 from fairseq import checkpoint_utils

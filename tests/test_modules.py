@@ -11,7 +11,8 @@ from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConf
 from fairseq_rshare.kernels import extension, log_softmax_of_bags, logsumexp_of_bags, stock_logits_of_bags
 from fairseq_rshare.mapping import fingerprint, make_mapping
 from fairseq_rshare.modules import pool_scores_is_cheaper
-from fairseq_rshare.models.rshare_config import most_frequent_words
+from fairseq_rshare.models.rshare_config import FLAG_NAMES, most_frequent_words
+from fairseq_rshare.modules.random_shared_embedding import check_table_shape
 
 GOLDEN_FINGERPRINTS = {
     (10, 4, 8, "position", 1): "508325ab1362e31",
@@ -168,7 +169,7 @@ def test_both_paths_give_the_same_log_probs_and_gradients(kind):
 
 
 def test_unknown_output_path_names_the_flag():
-    with pytest.raises(RShareConfigError, match="--rshare-output-path must be one of"):
+    with pytest.raises(RShareConfigError, match="path must be one of"):
         RandomSharedOutput(RandomSharedEmbedding(100, 16, 1, 4, 40), path="fast")
 
 
@@ -267,26 +268,33 @@ def test_parameter_count_is_pool_plus_bias(bias):
 @pytest.mark.parametrize(
     "V,H,K,M,kind,message",
     [
-        (100, 30, 4, 40, "position", "not divisible by --rshare-subvectors"),
+        (100, 30, 4, 40, "position", "not divisible by num_subvectors"),
         (100, 8, 16, 32, "position", "larger than the embedding dim"),
-        (100, 16, 4, 2, "global", "smaller than --rshare-subvectors"),
+        (100, 16, 4, 2, "global", "smaller than num_subvectors"),
         (100, 16, 4, 42, "position", "use 40 or 44"),
         (100, 16, 4, 400, "position", "no compression"),
-        (100, 16, 0, 40, "position", "--rshare-subvectors must be positive"),
-        (100, 16, 4, -4, "position", "--rshare-pool-size must be positive"),
+        (100, 16, 0, 40, "position", "num_subvectors must be positive"),
+        (100, 16, 4, -4, "position", "pool_size must be positive"),
         (100, 16, 4, 4, "position", "every word would get the same vector"),
         (2**29, 16, 4, 64, "position", "more than the 2147483647 supported"),
-        (100, 16, 4, 40, "shared", "--rshare-pool-kind must be one of"),
+        (100, 16, 4, 40, "shared", "pool_kind must be one of"),
     ],
 )
-def test_invalid_tables_name_the_flag(V, H, K, M, kind, message):
+def test_invalid_tables_name_the_argument(V, H, K, M, kind, message):
     with pytest.raises(RShareConfigError, match=message):
         RandomSharedEmbedding(V, H, 1, K, M, pool_kind=kind)
 
 
+def test_the_builder_names_the_flags():
+    with pytest.raises(RShareConfigError, match="not divisible by --rshare-subvectors 4: pick a divisor of 30"):
+        check_table_shape(100, 30, 4, 40, "position", names=FLAG_NAMES)
+    with pytest.raises(RShareConfigError, match="or --rshare-pool-kind global"):
+        check_table_shape(100, 16, 4, 42, "position", names=FLAG_NAMES)
+
+
 @pytest.mark.parametrize("count", [9, 100])
-def test_too_many_private_words_name_the_flag(count):
-    with pytest.raises(RShareConfigError, match="--rshare-frequent-words.*use at most 8"):
+def test_too_many_private_words_are_refused(count):
+    with pytest.raises(RShareConfigError, match="private words.*use at most 8"):
         RandomSharedEmbedding(100, 16, 1, 4, 40, private_words=range(count))
 
 
@@ -323,7 +331,7 @@ def test_word_scale_weighs_each_sub_vector_in_the_embedding_and_the_output():
 
 def test_word_scale_refuses_the_pool_scores_path():
     table = RandomSharedEmbedding(40, 12, 1, 3, 30, word_scale=True)
-    with pytest.raises(RShareConfigError, match="--rshare-word-scale runs on the materialize output path"):
+    with pytest.raises(RShareConfigError, match="a table with word_scale runs on path materialize"):
         RandomSharedOutput(table, path="pool-scores")
 
 

@@ -134,6 +134,10 @@ def test_translation_recipe_names_a_wrong_language_pair_and_missing_data(tmp_pat
     assert result.returncode == 1 and "is not a folder" in result.stderr
     result = recipe("translation.sh", tmp_path, check=False, DATA=multi30k, VARIANTS="rshare-0.1-input")
     assert result.returncode == 1 and "-input needs untied tables" in result.stderr
+    # untied, the same name passes (and the recipe goes on to find no prepared data)
+    result = recipe("translation.sh", tmp_path, check=False, DATA=multi30k, VARIANTS="rshare-0.1-input-untied",
+                    STEPS="train", WORK=tmp_path / "empty")
+    assert result.returncode == 1 and "run the prepare step first" in result.stderr
 
 
 @pytest.mark.slow
@@ -185,15 +189,16 @@ def tabulate(results_dir, tmp_path):
 @pytest.mark.parametrize("corpus,vocabulary", [("ptb", 10_000), ("wikitext2", 33_278)])
 def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
     data = shared_corpus(corpus)
-    variants = ["dense", "rshare-0.1-freq"] if corpus == "ptb" else ["dense", "rshare-0.1"]
+    variants = ["dense", "rshare-0.1-freq-h64"] if corpus == "ptb" else ["dense", "rshare-0.1"]
     recipe("lm.sh", tmp_path, CORPUS=corpus, DATA=data, PRESET="smoke", WORK=tmp_path / "work",
            VARIANTS=" ".join(variants))
     # Far better than chance: a tenth of the uniform perplexity over the vocabulary.
     results = check_results(tmp_path / "work/results", variants, "test_ppl", lambda ppl: ppl < vocabulary / 10)
     rshare = results[variants[1]]
     assert rshare["embedding_softmax_params"] < 0.15 * results["dense"]["embedding_softmax_params"]
-    if corpus == "ptb":
-        assert "--rshare-frequent-words 500" in rshare["command"]
+    if corpus == "ptb":  # the smoke model is 2x32; -h64 doubles it
+        assert "--rshare-frequent-words 500" in rshare["command"] and "--decoder-hidden-size 64" in rshare["command"]
+        assert rshare["params"]["body"] > 3 * results["dense"]["params"]["body"]
     assert "--criterion rshare_cross_entropy" in rshare["command"]
     table = tabulate(tmp_path / "work/results", tmp_path)
     assert f"| {corpus} | smoke | {variants[1]} | test ppl | {rshare['test_ppl']:.2f} |" in table

@@ -9,8 +9,17 @@ import torch
 
 from ..errors import RShareConfigError
 from ..modules import RandomSharedEmbedding, RandomSharedOutput
+from ..modules.random_shared_embedding import check_table_shape
+from ..modules.random_shared_output import OUTPUT_PATHS
 
 TABLES = ("encoder-input", "decoder-input", "decoder-output")
+
+# What the modules' checks call each setting, on the command line.
+FLAG_NAMES = {
+    "subvectors": "--rshare-subvectors", "pool_size": "--rshare-pool-size",
+    "pool_kind": "--rshare-pool-kind", "private_words": "--rshare-frequent-words",
+    "larger_pool": "a larger --rshare-ratio",
+}
 
 # Each table gets its own mapping: seed + offset (tied tables use the input table's).
 SEED_OFFSETS = {"encoder-input": 0, "decoder-input": 1, "decoder-output": 2}
@@ -157,16 +166,20 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
             f"the {table} dictionary has no word seen in the data, only fairseq's special "
             "symbols: was the training data empty? Run fairseq-preprocess on a non-empty --trainpref"
         )
+    pool_size = pool_size_for(args, len(dictionary), table)
+    private_words = most_frequent_words(dictionary, args.rshare_frequent_words)
+    check_table_shape(len(dictionary), embed_dim, args.rshare_subvectors, pool_size,
+                      str(args.rshare_pool_kind), len(private_words), names=FLAG_NAMES)
     embedding = RandomSharedEmbedding(
         num_embeddings=len(dictionary),
         embedding_dim=embed_dim,
         padding_idx=dictionary.pad(),
         num_subvectors=args.rshare_subvectors,
-        pool_size=pool_size_for(args, len(dictionary), table),
+        pool_size=pool_size,
         word_scale=args.rshare_word_scale,
         pool_kind=str(args.rshare_pool_kind),
         seed=args.rshare_seed + SEED_OFFSETS[table],
-        private_words=most_frequent_words(dictionary, args.rshare_frequent_words),
+        private_words=private_words,
     )
     check_same_on_all_ranks(embedding.fingerprint)
     return embedding
@@ -197,6 +210,14 @@ def check_share_all_embeddings(args, tables, src_dict, tgt_dict):
 
 def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
     """The decoder's random-shared output layer, or None when it stays dense."""
+    path = str(args.rshare_output_path)
+    if path not in OUTPUT_PATHS:
+        raise RShareConfigError(f"--rshare-output-path must be one of {OUTPUT_PATHS}, got {path!r}")
+    if args.rshare_word_scale and path == "pool-scores":
+        raise RShareConfigError(
+            "--rshare-word-scale runs on the materialize output path only: use "
+            "--rshare-output-path materialize or auto"
+        )
     tied = bool(getattr(args, "share_decoder_input_output_embed", False))
     if tied:
         check_tied(tables, "decoder-input", "decoder-output", "--share-decoder-input-output-embed")

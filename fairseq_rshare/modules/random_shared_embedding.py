@@ -31,52 +31,54 @@ def fingerprint_of_parts(parts):
 MAX_SLOTS = 2**31 - 1
 
 
-def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind, private_words=0):
-    """Raise RShareConfigError naming the flag to change when the table cannot be built
-    (private_words: how many words get private entries)."""
+# How check_table_shape names what to change: the arguments here; the builder passes the flags.
+ARGUMENT_NAMES = {
+    "subvectors": "num_subvectors", "pool_size": "pool_size", "pool_kind": "pool_kind",
+    "private_words": "the number of private words", "larger_pool": "a larger pool_size",
+}
+
+
+def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind, private_words=0,
+                      names=ARGUMENT_NAMES):
+    """Raise RShareConfigError naming what to change when the table cannot be built
+    (private_words: how many words get private entries; names: how to call the settings)."""
     V, H, K, M, F = num_words, embed_dim, num_subvectors, pool_size, private_words
+    n = names
     if K <= 0:
-        raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
+        raise RShareConfigError(f"{n['subvectors']} must be positive, got {K}")
     if M <= 0:
-        raise RShareConfigError(f"--rshare-pool-size must be positive, got {M}")
+        raise RShareConfigError(f"{n['pool_size']} must be positive, got {M}")
     if K > H:
-        raise RShareConfigError(
-            f"--rshare-subvectors {K} is larger than the embedding dim {H}: use at most {H}"
-        )
+        raise RShareConfigError(f"{n['subvectors']} {K} is larger than the embedding dim {H}: use at most {H}")
     if H % K:
-        raise RShareConfigError(
-            f"embedding dim {H} is not divisible by --rshare-subvectors {K}: "
-            f"pick a divisor of {H}"
-        )
+        raise RShareConfigError(f"embedding dim {H} is not divisible by {n['subvectors']} {K}: pick a divisor of {H}")
     if pool_kind not in POOL_KINDS:
-        raise RShareConfigError(f"--rshare-pool-kind must be one of {POOL_KINDS}, got {pool_kind!r}")
+        raise RShareConfigError(f"{n['pool_kind']} must be one of {POOL_KINDS}, got {pool_kind!r}")
     if M < K:
-        raise RShareConfigError(
-            f"--rshare-pool-size {M} is smaller than --rshare-subvectors {K}: use at least {K}"
-        )
+        raise RShareConfigError(f"{n['pool_size']} {M} is smaller than {n['subvectors']} {K}: use at least {K}")
     if pool_kind == "position" and M % K:
         raise RShareConfigError(
-            f"--rshare-pool-size {M} is not divisible by --rshare-subvectors {K} "
-            f"(per-position pools): use {M - M % K} or {M - M % K + K}, or --rshare-pool-kind global"
+            f"{n['pool_size']} {M} is not divisible by {n['subvectors']} {K} (per-position pools): "
+            f"use {M - M % K} or {M - M % K + K}, or {n['pool_kind']} global"
         )
     if pool_kind == "position" and M // K < 2:
         raise RShareConfigError(
-            f"--rshare-pool-size {M} leaves one entry per position, so every word would get "
-            f"the same vector: use at least {2 * K} (or a larger --rshare-ratio)"
+            f"{n['pool_size']} {M} leaves one entry per position, so every word would get "
+            f"the same vector: use at least {2 * K} (or {n['larger_pool']})"
         )
     if V * K > MAX_SLOTS:
         raise RShareConfigError(
-            f"a vocabulary of {V} words with --rshare-subvectors {K} has {V * K} slots, more "
+            f"a vocabulary of {V} words with {n['subvectors']} {K} has {V * K} slots, more "
             f"than the {MAX_SLOTS} supported: use fewer sub-vectors or a smaller vocabulary"
         )
     if M >= V * K:
         raise RShareConfigError(
-            f"--rshare-pool-size {M} gives no compression for a vocabulary of {V} words "
+            f"{n['pool_size']} {M} gives no compression for a vocabulary of {V} words "
             f"with {K} sub-vectors: use fewer than {V * K} entries (or a dense table)"
         )
     if F and M - F * K < 2 * K:
         raise RShareConfigError(
-            f"--rshare-frequent-words {F} leaves fewer than 2 shared entries per position in a "
+            f"{n['private_words']} {F} leaves fewer than 2 shared entries per position in a "
             f"pool of {M}: use at most {M // K - 2} (or a larger pool)"
         )
 
@@ -158,8 +160,7 @@ class RandomSharedEmbedding(nn.Module):
                     f"{stored_digest}, but these settings (V={self.num_embeddings}, "
                     f"K={self.num_subvectors}, M={self.pool_size}, pool kind={self.pool_kind}, "
                     f"seed={self.seed}, private words={len(self.private_words)}) regenerate "
-                    f"{self.fingerprint}: load it with the settings it was trained with (do not "
-                    "override --rshare-* flags)"
+                    f"{self.fingerprint}: load it with the settings it was trained with"
                 )
             version = int(state_dict.setdefault(version_key, torch.tensor(1)))
             if version != MAPPING_VERSION:

@@ -61,7 +61,7 @@ class RandomSharedOutput(nn.Module):
     def __init__(self, table: RandomSharedEmbedding, bias=False, path="auto"):
         super().__init__()
         if path not in OUTPUT_PATHS:
-            raise RShareConfigError(f"--rshare-output-path must be one of {OUTPUT_PATHS}, got {path!r}")
+            raise RShareConfigError(f"path must be one of {OUTPUT_PATHS}, got {path!r}")
         self.table = table
         K, M = table.num_subvectors, table.pool_size
         if table.pool_kind == "position":
@@ -75,10 +75,7 @@ class RandomSharedOutput(nn.Module):
         self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
         if table.word_scale is not None:
             if path == "pool-scores":
-                raise RShareConfigError(
-                    "--rshare-word-scale runs on the materialize output path only: use "
-                    "--rshare-output-path materialize or auto"
-                )
+                raise RShareConfigError("a table with word_scale runs on path materialize (or auto) only")
             path = "materialize"
         self.path_setting = path
         self.measured_path = None
