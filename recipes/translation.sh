@@ -30,6 +30,8 @@
 #               -untied        three tables (encoder input, decoder input, output) instead of
 #                              one shared by all (--share-all-embeddings); -input then works
 #   VOCAB     joint sentencepiece vocabulary size              [8000; gpu 10000; smoke 2000]
+#   SUBWORDS  bpe (joint subwords) or word (a word-level vocabulary of at most VOCAB
+#             whitespace-separated words, the rest <unk>)                   [bpe]
 #   BEAM      beam size                                                     [5]
 #   WORK      output folder                                   [work/translation-$CORPUS-$PRESET]
 #   STEPS     any of: prepare train evaluate                                [prepare train evaluate]
@@ -46,6 +48,8 @@ STEPS=${STEPS:-prepare train evaluate}
 VARIANTS=${VARIANTS:-dense rshare-0.1}
 BEAM=${BEAM:-5}
 EXTRA=${EXTRA:-}
+SUBWORDS=${SUBWORDS:-bpe}
+case $SUBWORDS in bpe | word) ;; *) echo "translation.sh: error: SUBWORDS=$SUBWORDS: use bpe or word" >&2; exit 1 ;; esac
 IWSLT14_URL=${IWSLT14_URL:-http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz}
 
 source "$HERE/common.sh"
@@ -129,13 +133,13 @@ prepare_text() {
 if [[ " $STEPS " == *" prepare "* ]]; then
   step "prepare $CORPUS text ($SRC->$TGT) in $WORK/text"
   prepare_text
-  step "sentencepiece: joint BPE vocabulary of $VOCAB, encode every split"
+  step "sentencepiece: joint $SUBWORDS vocabulary of $VOCAB, encode every split"
   mkdir -p "$WORK/subwords"
-  python3 "$HERE/subwords.py" train --model-prefix "$WORK/subwords/spm" --vocab-size "$VOCAB" \
+  python3 "$HERE/subwords.py" train --model-prefix "$WORK/subwords/spm" --vocab-size "$VOCAB" --model-type "$SUBWORDS" \
     "$WORK/text/train.$SRC" "$WORK/text/train.$TGT"
   for split in train valid test; do
     for lang in "$SRC" "$TGT"; do
-      python3 "$HERE/subwords.py" encode --model "$WORK/subwords/spm.model" \
+      python3 "$HERE/subwords.py" encode --model "$WORK/subwords/spm.model" --model-type "$SUBWORDS" \
         "$WORK/text/$split.$lang" "$WORK/subwords/$split.$lang"
     done
   done

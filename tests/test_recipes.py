@@ -219,3 +219,23 @@ def test_translation_recipe_end_to_end_shortened(tmp_path):
     assert results["rshare-0.1"]["sacrebleu_signature"].startswith("nrefs:1|case:mixed")
     assert len(lines_of(tmp_path / "work/rshare-0.1/test.hyp")) == 1000
     assert "test BLEU" in tabulate(tmp_path / "work/results", tmp_path)
+
+
+def test_word_level_vocabulary_keeps_whole_words_and_writes_unk_for_the_rest(tmp_path):
+    multi30k = shared_corpus("multi30k")
+    text = tmp_path / "train.txt"
+    text.write_text("".join(line + "\n" for line in lines_of(os.path.join(multi30k, "train.en"))[:3000]))
+    result = python_script("subwords.py", "train", "--model-prefix", tmp_path / "word", "--vocab-size", "500",
+                           "--model-type", "word", text)
+    assert result.returncode == 0, result.stderr
+    result = python_script("subwords.py", "encode", "--model", tmp_path / "word.model", "--model-type", "word",
+                           text, tmp_path / "out.txt")
+    assert result.returncode == 0, result.stderr
+    pieces = [line.split() for line in lines_of(tmp_path / "out.txt")]
+    originals = [line.split() for line in lines_of(text)]
+    assert all(len(p) == len(o) for p, o in zip(pieces, originals))  # one piece per word
+    for piece_line, words in zip(pieces, originals):
+        for piece, word in zip(piece_line, words):
+            assert piece in ("<unk>", "\u2581" + word)
+    types = {piece for line in pieces for piece in line}
+    assert "<unk>" in types and len(types) <= 500
