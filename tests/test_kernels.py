@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairseq_rshare.kernels import extension, log_softmax_of_bags, logsumexp_of_bags, stock_logits_of_bags
+from fairseq_rshare.kernels import extension, log_softmax_of_words, logsumexp_of_words, stock_word_logits
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -13,7 +13,7 @@ def kernels():
     assert extension() is not None, "the fused kernels did not compile"
 
 
-def random_bags(V, K, R, generator):
+def random_mapping(V, K, R, generator):
     return torch.randint(R, (V, K), generator=generator, dtype=torch.int32)
 
 
@@ -22,7 +22,7 @@ def random_bags(V, K, R, generator):
        st.booleans(), st.integers(0, 2**31))
 def test_fused_kernels_equal_stock_ops_in_float32_for_random_shapes(N, V, K, R, bias, seed):
     generator = torch.Generator().manual_seed(seed)
-    bags = random_bags(V, K, R, generator)
+    mapping_columns = random_mapping(V, K, R, generator)
     scores = torch.randn(N, R, generator=generator, requires_grad=True)
     bias = torch.randn(V, generator=generator, requires_grad=True) if bias else None
     params = [scores] + ([bias] if bias is not None else [])
@@ -34,10 +34,10 @@ def test_fused_kernels_equal_stock_ops_in_float32_for_random_shapes(N, V, K, R, 
     # A gradient entry sums up to V*K float32 terms of size <= 2: allow their rounding.
     tolerance = 2e-7 * V * K + 1e-5
     for fused, stock in [
-        (log_softmax_of_bags, lambda s, b: torch.log_softmax(stock_logits_of_bags(s, bags, b), -1)),
-        (logsumexp_of_bags, lambda s, b: torch.logsumexp(stock_logits_of_bags(s, bags, b), -1)),
+        (log_softmax_of_words, lambda s, b: torch.log_softmax(stock_word_logits(s, mapping_columns, b), -1)),
+        (logsumexp_of_words, lambda s, b: torch.logsumexp(stock_word_logits(s, mapping_columns, b), -1)),
     ]:
-        fast = fused(scores, bags, bias)
+        fast = fused(scores, mapping_columns, bias)
         reference = stock(*exact) if bias is not None else stock(exact[0], None)
         assert torch.allclose(fast.double(), reference, atol=1e-5, rtol=1e-5)
         weight = weights if fast.dim() == 2 else weights[:, 0]
@@ -48,34 +48,34 @@ def test_fused_kernels_equal_stock_ops_in_float32_for_random_shapes(N, V, K, R, 
 
 def test_double_backward_raises_instead_of_being_silently_wrong():
     scores = torch.randn(5, 20, requires_grad=True)
-    bags = random_bags(30, 3, 20, torch.Generator().manual_seed(0))
-    for fused in (log_softmax_of_bags, logsumexp_of_bags):
+    mapping_columns = random_mapping(30, 3, 20, torch.Generator().manual_seed(0))
+    for fused in (log_softmax_of_words, logsumexp_of_words):
         # The cube keeps a graph through the gradient, so a kernel's missing second
         # derivative would otherwise be dropped without a word.
-        loss = fused(scores, bags).reshape(5, -1)[:, :1].sum() + scores.pow(3).sum()
+        loss = fused(scores, mapping_columns).reshape(5, -1)[:, :1].sum() + scores.pow(3).sum()
         with pytest.raises(RuntimeError, match="once differentiable: no second derivative"):
             (grad,) = torch.autograd.grad(loss, scores, create_graph=True)
             torch.autograd.grad(grad.pow(2).sum(), scores)
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda k, s, b, c: k.logsumexp_forward(s, b + 1000, c), "slots must index columns of scores"),
-    (lambda k, s, b, c: k.logsumexp_forward(s, b - 1, c), "slots must index columns of scores"),
+    (lambda k, s, b, c: k.logsumexp_forward(s, b + 1000, c), "mapping entries must index columns of scores"),
+    (lambda k, s, b, c: k.logsumexp_forward(s, b - 1, c), "mapping entries must index columns of scores"),
     (lambda k, s, b, c: k.logsumexp_forward(s.t(), b, c), "scores must be a contiguous"),
-    (lambda k, s, b, c: k.logsumexp_forward(s, b.long(), c), "slots must be a contiguous"),
+    (lambda k, s, b, c: k.logsumexp_forward(s, b.long(), c), "mapping must be a contiguous"),
     (lambda k, s, b, c: k.logsumexp_forward(s, b, c[:5]), "bias must be empty or"),
     (lambda k, s, b, c: k.logsumexp_backward(torch.ones(3), s, b, c, torch.zeros(6)), "grad must be"),
 ])
 def test_kernels_check_their_inputs(call, message):
     scores = torch.randn(6, 20)
-    bags = random_bags(30, 3, 20, torch.Generator().manual_seed(0))
+    mapping_columns = random_mapping(30, 3, 20, torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match=message):
-        call(extension(), scores, bags, torch.zeros(30))
+        call(extension(), scores, mapping_columns, torch.zeros(30))
 
 
 def test_bias_gradient_does_not_depend_on_the_thread_count():
     generator = torch.Generator().manual_seed(0)
-    bags = random_bags(4000, 8, 400, generator)
+    mapping_columns = random_mapping(4000, 8, 400, generator)
     scores = torch.randn(1000, 400, generator=generator, requires_grad=True)
     bias = torch.randn(4000, generator=generator, requires_grad=True)
     weights = torch.rand(1000, generator=generator)
@@ -84,9 +84,9 @@ def test_bias_gradient_does_not_depend_on_the_thread_count():
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            loss = (logsumexp_of_bags(scores, bags, bias) * weights).sum()
+            loss = (logsumexp_of_words(scores, mapping_columns, bias) * weights).sum()
             grads.append(torch.autograd.grad(loss, bias)[0])
-            lprobs = log_softmax_of_bags(scores, bags, bias)
+            lprobs = log_softmax_of_words(scores, mapping_columns, bias)
             grads.append(torch.autograd.grad(lprobs[:, ::7].sum(), bias)[0])
     finally:
         torch.set_num_threads(threads)
@@ -95,9 +95,9 @@ def test_bias_gradient_does_not_depend_on_the_thread_count():
 
 
 def test_a_large_bias_gives_no_nan_from_the_lanes_past_the_last_token():
-    bags = random_bags(50, 2, 10, torch.Generator().manual_seed(0))
+    mapping_columns = random_mapping(50, 2, 10, torch.Generator().manual_seed(0))
     scores = torch.randn(5, 10, requires_grad=True)  # 5 tokens: the tile of 8 has 3 empty lanes
     bias = torch.full((50,), 100.0, requires_grad=True)
-    grad_scores, grad_bias = torch.autograd.grad(logsumexp_of_bags(scores, bags, bias).sum(), [scores, bias])
+    grad_scores, grad_bias = torch.autograd.grad(logsumexp_of_words(scores, mapping_columns, bias).sum(), [scores, bias])
     assert torch.isfinite(grad_scores).all() and torch.isfinite(grad_bias).all()
     assert torch.allclose(grad_bias.sum(), torch.tensor(5.0))  # each token's softmax sums to 1

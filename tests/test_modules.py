@@ -8,7 +8,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq.data import Dictionary
 
 from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
-from fairseq_rshare.kernels import extension, log_softmax_of_bags, logsumexp_of_bags, stock_logits_of_bags
+from fairseq_rshare.kernels import extension, log_softmax_of_words, logsumexp_of_words, stock_word_logits
 from fairseq_rshare.mapping import fingerprint, make_mapping
 from fairseq_rshare.modules import pool_scores_is_cheaper
 from fairseq_rshare.models.rshare_config import FLAG_NAMES, most_frequent_words
@@ -178,19 +178,19 @@ def test_unknown_output_path_names_the_flag():
 def test_fused_kernels_match_stock_ops_in_float32(kind, bias):
     assert extension() is not None, "the fused kernels did not compile"
     output = make_output(V=3001, H=64, K=8, M=400, kind=kind, bias=bias).float()
-    scores = torch.randn(37, output.slot_uses.numel(), requires_grad=True)  # 37: not a whole tile
+    scores = torch.randn(37, output.column_uses.numel(), requires_grad=True)  # 37: not a whole tile
     targets = torch.randint(3001, (37,))
     weights = torch.rand(37)
     params = [scores] + ([output.bias] if bias else [])
     fused = [
-        (lprobs := log_softmax_of_bags(scores, output.bags, output.bias),
+        (lprobs := log_softmax_of_words(scores, output.mapping_columns, output.bias),
          *torch.autograd.grad(F.nll_loss(lprobs, targets), params)),
-        (lse := logsumexp_of_bags(scores, output.bags, output.bias),
+        (lse := logsumexp_of_words(scores, output.mapping_columns, output.bias),
          *torch.autograd.grad((lse * weights).sum(), params)),
     ]
 
     def logits():
-        return stock_logits_of_bags(scores, output.bags, output.bias)
+        return stock_word_logits(scores, output.mapping_columns, output.bias)
 
     stock = [
         (lprobs := F.log_softmax(logits(), -1), *torch.autograd.grad(F.nll_loss(lprobs, targets), params)),

@@ -1,11 +1,12 @@
 """Fused CPU kernels for the random-shared output layer (float32).
 
-A word's logit is the sum of K pool scores, ``logit[n, w] = sum_k scores[n, bags[w, k]]
-(+ bias[w])``.  Two fused functions of it, each with its backward:
+A word's logit is the sum of K pool scores, ``logit[n, w] = sum_k scores[n, mapping_columns[w, k]]
+(+ bias[w])``, where ``mapping_columns`` is the table's mapping written as columns of the (N, R)
+score table.  Two fused functions of it, each with its backward:
 
-- :func:`log_softmax_of_bags` writes the (N, V) log-probabilities (what fairseq's generator,
+- :func:`log_softmax_of_words` writes the (N, V) log-probabilities (what fairseq's generator,
   eval-lm and stock criteria consume);
-- :func:`logsumexp_of_bags` returns only the (N,) log-normalisers, which with the target's
+- :func:`logsumexp_of_words` returns only the (N,) log-normalisers, which with the target's
   logit is the cross-entropy: nothing of size N x V is ever written (``RandomSharedOutput.loss``).
 
 The kernels take 8 tokens at a time with their scores interleaved (R x 8), so that one loaded
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-SOURCE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bags_cpu.cpp")
+SOURCE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output_cpu.cpp")
 with open(SOURCE_FILE) as _source:
     CPP_SOURCE = _source.read()
 
@@ -130,35 +131,35 @@ def first_order_only(backward):
     return checked
 
 
-class FusedLogSoftmaxOfBags(torch.autograd.Function):
+class FusedLogSoftmaxOfWords(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scores, bags, bias):
+    def forward(ctx, scores, mapping_columns, bias):
         bias = _bias_or_empty(scores, bias)
-        lprobs = extension().log_softmax_forward(scores, bags, bias)
-        ctx.save_for_backward(lprobs, scores, bags, bias)
+        lprobs = extension().log_softmax_forward(scores, mapping_columns, bias)
+        ctx.save_for_backward(lprobs, scores, mapping_columns, bias)
         return lprobs
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad):
-        lprobs, scores, bags, bias = ctx.saved_tensors
-        grad_scores, grad_bias = extension().log_softmax_backward(grad.contiguous(), lprobs, scores, bags, bias)
+        lprobs, scores, mapping_columns, bias = ctx.saved_tensors
+        grad_scores, grad_bias = extension().log_softmax_backward(grad.contiguous(), lprobs, scores, mapping_columns, bias)
         return grad_scores, None, grad_bias if bias.numel() else None
 
 
-class FusedLogSumExpOfBags(torch.autograd.Function):
+class FusedLogSumExpOfWords(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scores, bags, bias):
+    def forward(ctx, scores, mapping_columns, bias):
         bias = _bias_or_empty(scores, bias)
-        lse = extension().logsumexp_forward(scores, bags, bias)
-        ctx.save_for_backward(scores, bags, bias, lse)
+        lse = extension().logsumexp_forward(scores, mapping_columns, bias)
+        ctx.save_for_backward(scores, mapping_columns, bias, lse)
         return lse
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad):
-        scores, bags, bias, lse = ctx.saved_tensors
-        grad_scores, grad_bias = extension().logsumexp_backward(grad.contiguous(), scores, bags, bias, lse)
+        scores, mapping_columns, bias, lse = ctx.saved_tensors
+        grad_scores, grad_bias = extension().logsumexp_backward(grad.contiguous(), scores, mapping_columns, bias, lse)
         return grad_scores, None, grad_bias if bias.numel() else None
 
 
@@ -166,22 +167,22 @@ def _fused(scores):
     return scores.dtype == torch.float32 and scores.device.type == "cpu" and extension() is not None
 
 
-def log_softmax_of_bags(scores, bags, bias=None):
-    """log_softmax over words of sum_k scores[:, bags[w, k]] (+ bias); scores is (N, R),
-    ``bags`` the (V, K) int32 table of score columns.  Returns (N, V)."""
+def log_softmax_of_words(scores, mapping_columns, bias=None):
+    """log_softmax over words of sum_k scores[:, mapping_columns[w, k]] (+ bias); scores is (N, R),
+    ``mapping_columns`` the (V, K) int32 table of score columns.  Returns (N, V)."""
     if _fused(scores):
-        return FusedLogSoftmaxOfBags.apply(scores.contiguous(), bags, bias)
-    return F.log_softmax(stock_logits_of_bags(scores, bags, bias), dim=-1)
+        return FusedLogSoftmaxOfWords.apply(scores.contiguous(), mapping_columns, bias)
+    return F.log_softmax(stock_word_logits(scores, mapping_columns, bias), dim=-1)
 
 
-def logsumexp_of_bags(scores, bags, bias=None):
+def logsumexp_of_words(scores, mapping_columns, bias=None):
     """logsumexp over words of the same logits; returns (N,), never building (N, V)."""
     if _fused(scores):
-        return FusedLogSumExpOfBags.apply(scores.contiguous(), bags, bias)
-    return torch.logsumexp(stock_logits_of_bags(scores, bags, bias), dim=-1)
+        return FusedLogSumExpOfWords.apply(scores.contiguous(), mapping_columns, bias)
+    return torch.logsumexp(stock_word_logits(scores, mapping_columns, bias), dim=-1)
 
 
-def stock_logits_of_bags(scores, bags, bias=None):
+def stock_word_logits(scores, mapping_columns, bias=None):
     """The (N, V) logits with stock ops: ``embedding_bag`` over the transposed score table."""
-    logits = F.embedding_bag(bags, scores.t(), mode="sum").t()
+    logits = F.embedding_bag(mapping_columns, scores.t(), mode="sum").t()
     return logits + bias if bias is not None else logits

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RShareConfigError
-from ..kernels import extension, log_softmax_of_bags, logsumexp_of_bags
+from ..kernels import extension, log_softmax_of_words, logsumexp_of_words
 from .random_shared_embedding import RandomSharedEmbedding
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class RandomSharedOutput(nn.Module):
     - pool-scores: the V x H matrix is never built.  Each token's K slices h_k are scored
       against the pool entries they can meet (R scores: M for per-position pools, K*M for a
       global pool), then each word sums its K scores: O(R*H/K + V*K) per token instead of
-      O(V*H).  The sums and the log-softmax are fused (see kernels/bags_cpu.cpp), and :meth:`loss`
+      O(V*H).  The sums and the log-softmax are fused (see kernels/output_cpu.cpp), and :meth:`loss`
       (the ``rshare_cross_entropy`` criterion) never builds tokens x V at all.
     - materialize: build the V x H matrix from the pool once a batch and multiply, as dense.
       Faster when H/K is small or the pool is large (a dense matmul multiply-add is about
@@ -64,13 +64,15 @@ class RandomSharedOutput(nn.Module):
             raise RShareConfigError(f"path must be one of {OUTPUT_PATHS}, got {path!r}")
         self.table = table
         K, M = table.num_subvectors, table.pool_size
+        # The mapping as columns of the pool-score table: per-position pools score each slice
+        # against its own block, a global pool against all K*M (so position k is offset by k*M).
         if table.pool_kind == "position":
-            bags = table.mapping
+            mapping_columns = table.mapping
         else:
-            bags = table.mapping + torch.arange(K) * M
-        self.register_buffer("bags", bags.to(torch.int32).contiguous(), persistent=False)
-        slot_uses = torch.bincount(self.bags.flatten().long(), minlength=K * M if table.pool_kind == "global" else M)
-        self.register_buffer("slot_uses", slot_uses, persistent=False)
+            mapping_columns = table.mapping + torch.arange(K) * M
+        self.register_buffer("mapping_columns", mapping_columns.to(torch.int32).contiguous(), persistent=False)
+        column_uses = torch.bincount(self.mapping_columns.flatten().long(), minlength=K * M if table.pool_kind == "global" else M)
+        self.register_buffer("column_uses", column_uses, persistent=False)
         self._weight, self._weight_version = None, None
         self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
         if table.word_scale is not None:
@@ -146,7 +148,7 @@ class RandomSharedOutput(nn.Module):
             self.measure_path_once(features.numel() // features.shape[-1])
         if self.path == "materialize":
             return self.materialized_forward(features)
-        lprobs = log_softmax_of_bags(self.pool_scores(features), self.bags, self.bias)
+        lprobs = log_softmax_of_words(self.pool_scores(features), self.mapping_columns, self.bias)
         return lprobs.reshape(*features.shape[:-1], -1)
 
     def pool_scores(self, features):
@@ -170,8 +172,8 @@ class RandomSharedOutput(nn.Module):
         """
         scores = self.pool_scores(features)
         target = target.reshape(-1)
-        logsumexp = logsumexp_of_bags(scores, self.bags, self.bias)
-        target_logit = scores.gather(1, self.bags[target].long()).sum(1)
+        logsumexp = logsumexp_of_words(scores, self.mapping_columns, self.bias)
+        target_logit = scores.gather(1, self.mapping_columns[target].long()).sum(1)
         if self.bias is not None:
             target_logit = target_logit + self.bias[target]
         nll = logsumexp - target_logit
@@ -180,7 +182,7 @@ class RandomSharedOutput(nn.Module):
         if not label_smoothing:
             return nll_loss, nll_loss
         V = self.table.num_embeddings
-        logit_sum = scores @ self.slot_uses.to(scores.dtype)
+        logit_sum = scores @ self.column_uses.to(scores.dtype)
         if self.bias is not None:
             logit_sum = logit_sum + self.bias.sum()
         smooth_loss = (V * logsumexp - logit_sum).masked_fill(~keep, 0.0).sum()

@@ -9,8 +9,8 @@
 constexpr int64_t TILE = 8;     // tokens per pass: one index and one 32-byte load serve them all
 constexpr int64_t CHUNK = 512;  // words per pass: their TILE x CHUNK logits stay in L1
 
-struct Bags {
-  const int32_t* slots;  // (V, K) score columns of each word
+struct Mapping {
+  const int32_t* columns;  // (V, K): the mapping as columns of the score table
   const float* bias;     // (V) or nullptr
   int64_t V, K, R;
 };
@@ -24,14 +24,14 @@ static void load_tile(const float* scores, int64_t N, int64_t R, int64_t n0, flo
 
 // y[j * TILE + t] = logit of word v0 + j for token t.  Each slot index is loaded once for the
 // TILE tokens, whose scores sit side by side: the loop over t is one 8-wide vector add.
-static void chunk_logits(const Bags& b, const float* tile, int64_t v0, int64_t C, float* y) {
+static void chunk_logits(const Mapping& b, const float* tile, int64_t v0, int64_t C, float* y) {
   for (int64_t j = 0; j < C; ++j) {
     float acc[TILE];
     const float start = b.bias ? b.bias[v0 + j] : 0.f;
     for (int64_t t = 0; t < TILE; ++t) acc[t] = start;
-    const int32_t* slots = b.slots + (v0 + j) * b.K;
+    const int32_t* cols = b.columns + (v0 + j) * b.K;
     for (int64_t k = 0; k < b.K; ++k) {
-      const float* s = tile + int64_t(slots[k]) * TILE;
+      const float* s = tile + int64_t(cols[k]) * TILE;
       for (int64_t t = 0; t < TILE; ++t) acc[t] += s[t];
     }
     std::copy(acc, acc + TILE, y + j * TILE);
@@ -42,12 +42,12 @@ static void chunk_logits(const Bags& b, const float* tile, int64_t v0, int64_t C
 // Position by position: slot k of every word lies in block k of the R columns, so each pass
 // writes into one block of R/K x TILE floats, which stays in L1 up to ~1000 entries per
 // position where the whole dtile would not (beyond that the scatter dominates the backward).
-static void chunk_scatter(const Bags& b, const float* dy, int64_t v0, int64_t C, float* dtile, float* dbias) {
+static void chunk_scatter(const Mapping& b, const float* dy, int64_t v0, int64_t C, float* dtile, float* dbias) {
   for (int64_t k = 0; k < b.K; ++k) {
-    const int32_t* slots = b.slots + v0 * b.K + k;
+    const int32_t* cols = b.columns + v0 * b.K + k;
     for (int64_t j = 0; j < C; ++j) {
       const float* d = dy + j * TILE;
-      float* s = dtile + int64_t(slots[j * b.K]) * TILE;
+      float* s = dtile + int64_t(cols[j * b.K]) * TILE;
       for (int64_t t = 0; t < TILE; ++t) s[t] += d[t];
     }
   }
@@ -82,18 +82,18 @@ struct LogSumExp {
 };
 
 // The checks at the boundary: a wrong tensor stops with a message instead of reading out of bounds.
-static Bags bags_of(const torch::Tensor& scores, const torch::Tensor& slots, const torch::Tensor& bias) {
+static Mapping mapping_of(const torch::Tensor& scores, const torch::Tensor& mapping, const torch::Tensor& bias) {
   TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat && scores.is_contiguous(),
               "scores must be a contiguous (N, R) float32 tensor");
-  TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == torch::kInt && slots.is_contiguous(),
-              "slots must be a contiguous (V, K) int32 tensor");
-  TORCH_CHECK(bias.numel() == 0 || (bias.dim() == 1 && bias.size(0) == slots.size(0) &&
+  TORCH_CHECK(mapping.dim() == 2 && mapping.scalar_type() == torch::kInt && mapping.is_contiguous(),
+              "mapping must be a contiguous (V, K) int32 tensor");
+  TORCH_CHECK(bias.numel() == 0 || (bias.dim() == 1 && bias.size(0) == mapping.size(0) &&
               bias.scalar_type() == torch::kFloat && bias.is_contiguous()),
               "bias must be empty or a contiguous float32 vector with one value per word");
-  TORCH_CHECK(slots.numel() == 0 || (slots.min().item<int32_t>() >= 0 && slots.max().item<int32_t>() < scores.size(1)),
-              "slots must index columns of scores");
-  return {slots.data_ptr<int32_t>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
-          slots.size(0), slots.size(1), scores.size(1)};
+  TORCH_CHECK(mapping.numel() == 0 || (mapping.min().item<int32_t>() >= 0 && mapping.max().item<int32_t>() < scores.size(1)),
+              "mapping entries must index columns of scores");
+  return {mapping.data_ptr<int32_t>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
+          mapping.size(0), mapping.size(1), scores.size(1)};
 }
 
 static void check_same(const torch::Tensor& tensor, at::IntArrayRef shape, const char* name) {
@@ -108,7 +108,7 @@ constexpr int64_t BIAS_PARTS = 32;
 // Runs body(n0, tile, y, dtile, dbias) for every tile of TILE tokens, in parallel; returns the
 // bias gradient (empty without a bias).
 template <typename Body>
-static torch::Tensor for_each_tile(const Bags& b, int64_t N, bool with_dtile, bool with_dbias,
+static torch::Tensor for_each_tile(const Mapping& b, int64_t N, bool with_dtile, bool with_dbias,
                                    const torch::TensorOptions& options, Body body) {
   const int64_t tiles = (N + TILE - 1) / TILE;
   const int64_t parts = with_dbias ? std::min(tiles, BIAS_PARTS) : tiles;
@@ -138,8 +138,8 @@ static void store_tile(const float* dtile, int64_t N, int64_t R, int64_t n0, flo
     for (int64_t r = 0; r < R; ++r) grad_scores[(n0 + t) * R + r] = dtile[r * TILE + t];
 }
 
-torch::Tensor logsumexp_forward(torch::Tensor scores, torch::Tensor slots, torch::Tensor bias) {
-  const Bags b = bags_of(scores, slots, bias);
+torch::Tensor logsumexp_forward(torch::Tensor scores, torch::Tensor mapping, torch::Tensor bias) {
+  const Mapping b = mapping_of(scores, mapping, bias);
   const int64_t N = scores.size(0);
   auto lse = torch::empty({N}, scores.options());
   const float* s = scores.data_ptr<float>();
@@ -158,9 +158,9 @@ torch::Tensor logsumexp_forward(torch::Tensor scores, torch::Tensor slots, torch
 }
 
 // d lse[n] / d logit[n, w] = softmax[n, w]: recompute the logits, scatter grad[n] * softmax.
-std::vector<torch::Tensor> logsumexp_backward(torch::Tensor grad, torch::Tensor scores, torch::Tensor slots,
+std::vector<torch::Tensor> logsumexp_backward(torch::Tensor grad, torch::Tensor scores, torch::Tensor mapping,
                                               torch::Tensor bias, torch::Tensor lse) {
-  const Bags b = bags_of(scores, slots, bias);
+  const Mapping b = mapping_of(scores, mapping, bias);
   const int64_t N = scores.size(0);
   check_same(grad, {N}, "grad");
   check_same(lse, {N}, "lse");
@@ -189,8 +189,8 @@ std::vector<torch::Tensor> logsumexp_backward(torch::Tensor grad, torch::Tensor 
   return {grad_scores, grad_bias};
 }
 
-torch::Tensor log_softmax_forward(torch::Tensor scores, torch::Tensor slots, torch::Tensor bias) {
-  const Bags b = bags_of(scores, slots, bias);
+torch::Tensor log_softmax_forward(torch::Tensor scores, torch::Tensor mapping, torch::Tensor bias) {
+  const Mapping b = mapping_of(scores, mapping, bias);
   const int64_t N = scores.size(0), V = b.V;
   auto lprobs = torch::empty({N, V}, scores.options());
   const float* s = scores.data_ptr<float>();
@@ -217,8 +217,8 @@ torch::Tensor log_softmax_forward(torch::Tensor scores, torch::Tensor slots, tor
 
 // d lprobs[n, u] / d logit[n, w] = [u == w] - softmax[n, w].
 std::vector<torch::Tensor> log_softmax_backward(torch::Tensor grad, torch::Tensor lprobs, torch::Tensor scores,
-                                                torch::Tensor slots, torch::Tensor bias) {
-  const Bags b = bags_of(scores, slots, bias);
+                                                torch::Tensor mapping, torch::Tensor bias) {
+  const Mapping b = mapping_of(scores, mapping, bias);
   const int64_t N = scores.size(0), V = b.V;
   check_same(grad, {N, V}, "grad");
   check_same(lprobs, {N, V}, "lprobs");
