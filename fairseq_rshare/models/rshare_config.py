@@ -2,10 +2,9 @@
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
-
-import torch
 
 from ..errors import RShareConfigError
 from ..modules import RandomSharedEmbedding, RandomSharedOutput
@@ -63,7 +62,7 @@ class RShareConfig(FairseqDataclass):
     )
     rshare_output_path: ChoiceEnum(["auto", "pool-scores", "materialize"]) = field(
         default="auto",
-        metadata={"help": "how the random-shared output layer computes: pool-scores (never builds the V x H matrix), materialize (builds it once a batch, as dense), or auto (a cost model picks the faster for the shape)"},
+        metadata={"help": "how the random-shared output layer computes: pool-scores (never builds the V x H matrix), materialize (builds it once a batch, as dense), or auto (on CPU both are timed at the first training step and the faster kept; a cost model of the shape before that and on other devices)"},
     )
     rshare_output_bias: bool = field(
         default=False, metadata={"help": "add a per-word bias to the random-shared output layer"}
