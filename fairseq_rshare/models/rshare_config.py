@@ -121,9 +121,7 @@ def pool_size_for(args, num_words, table):
         flag, ratio = "--rshare-ratio", args.rshare_ratio
     if not 0 < ratio < 1:
         raise RShareConfigError(f"{flag} must be between 0 and 1 (exclusive), got {ratio}")
-    if K <= 0:
-        raise RShareConfigError(f"--rshare-subvectors must be positive, got {K}")
-    return pool_size_of_ratio(num_words, K, ratio)
+    return pool_size_of_ratio(num_words, K, ratio)  # K itself is checked by check_table_shape
 
 
 def pool_size_of_ratio(num_words, num_subvectors, ratio):
