@@ -5,7 +5,11 @@
 
 Every (layer, V, H) case runs its variants in turn, each inside a fresh process (so that peak
 RSS belongs to that variant alone), repeated; the figures are medians and the ratios are
-dense/rshare from the same run.  The output layer has two rshare variants: "rshare", the
+dense/rshare from the same run.  Gradients are set to None after every step, as fairseq's
+optimizer does; the output layer is timed a second time with its gradients kept and zeroed in
+place (plain PyTorch's habit), where dense no longer allocates a fresh V x H gradient each step.
+Beside the loss path's time stands its memory-traffic bound: the bytes it must move
+(:func:`loss_path_bytes`) over the copy bandwidth measured at the start.  The output layer has two rshare variants: "rshare", the
 cross-entropy computed from the pool scores (RandomSharedOutput.loss, what training with
 --criterion rshare_cross_entropy runs), and "rshare-lprobs", the (tokens, V) log-probabilities
 then nll_loss (what fairseq's stock criteria, eval-lm and generation consume).
@@ -39,7 +43,27 @@ def build(layer, variant, V, H, K, ratio):
     return RandomSharedOutput(table, path="pool-scores") if layer == "output" else table
 
 
-def measure(layer, variant, V, H, K, ratio, tokens, repeats):
+def loss_path_bytes(V, K, R, tokens, tile=8):
+    """Bytes the pool-scores loss must read and write for a batch, at least: the (V, K) int32
+    mapping once per tile of 8 tokens in the forward and again in the backward (the logits are
+    recomputed), and the (tokens, R) float32 score table written, read twice, its gradient
+    written and read back by the pool-score matmul's backward."""
+    tiles = -(-tokens // tile)
+    return 2 * tiles * V * K * 4 + 5 * tokens * R * 4
+
+
+def copy_bandwidth():
+    """Bytes per second that a large float32 copy reads plus writes here."""
+    source = torch.randn(32 * 2**20)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start = time.perf_counter()
+    for _ in range(5):
+        target.copy_(source)
+    return 5 * 2 * source.numel() * 4 / (time.perf_counter() - start)
+
+
+def measure(layer, variant, V, H, K, ratio, tokens, repeats, keep_grads=False):
     """Median seconds of forward+backward (with the cross-entropy loss for the output layer)."""
     torch.manual_seed(0)
     module = build(layer, variant, V, H, K, ratio)
@@ -57,7 +81,7 @@ def measure(layer, variant, V, H, K, ratio, tokens, repeats):
         else:
             module(targets).sum().backward()
         times.append(time.perf_counter() - start)
-        module.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=not keep_grads)
     return {
         "seconds": statistics.median(times[1:]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -65,10 +89,10 @@ def measure(layer, variant, V, H, K, ratio, tokens, repeats):
     }
 
 
-def run_case(layer, variant, V, H, K, ratio, tokens, repeats):
+def run_case(layer, variant, V, H, K, ratio, tokens, repeats, keep_grads=False):
     """Run one measurement in a fresh process; return its result dict."""
     output = subprocess.run(
-        [sys.executable, __file__, "--one", json.dumps([layer, variant, V, H, K, ratio, tokens, repeats])],
+        [sys.executable, __file__, "--one", json.dumps([layer, variant, V, H, K, ratio, tokens, repeats, keep_grads])],
         capture_output=True, text=True, check=True,
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -86,24 +110,30 @@ def markdown(rows, meta):
     lines = [
         f"Measured {meta['date']} on {meta['machine']}, torch {meta['torch']}, "
         f"{meta['threads']} threads; K={meta['K']}, rshare table {meta['ratio']:.0%} of dense, "
-        f"{meta['tokens']} tokens a batch, median of {meta['repeats']}.",
+        f"{meta['tokens']} tokens a batch, median of {meta['repeats']}; copy bandwidth "
+        f"{meta['copy_gb_per_s']:.1f} GB/s.",
         "",
-        "Output layer: rshare = loss from the pool scores; log-probs = (tokens, V) log-probabilities, then NLL.",
+        "Output layer: rshare = loss from the pool scores; log-probs = (tokens, V) log-probabilities, then NLL; "
+        "bound = the loss path's bytes over the copy bandwidth; kept = gradients kept and zeroed in place.",
         "",
-        "| layer | V | H | dense ms | rshare ms | speed-up | log-probs ms | speed-up "
+        "| layer | V | H | dense ms | rshare ms | speed-up | bound ms | log-probs ms | speed-up "
+        "| kept: dense ms | kept: rshare ms | kept: speed-up "
         "| peak RSS MB dense / rshare / log-probs | params dense / rshare |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         d, s, lp = r["dense"], r["rshare"], r.get("rshare-lprobs")
-        lines.append(
-            f"| {r['layer']} | {r['V']:,} | {r['H']} | {d['seconds'] * 1e3:.1f} | {s['seconds'] * 1e3:.1f} "
-            f"| {d['seconds'] / s['seconds']:.2f}× "
-            + (f"| {lp['seconds'] * 1e3:.1f} | {d['seconds'] / lp['seconds']:.2f}× " if lp else "| – | – ")
-            + f"| {d['peak_rss_mb']:.0f} / {s['peak_rss_mb']:.0f}"
-            + (f" / {lp['peak_rss_mb']:.0f} " if lp else " ")
-            + f"| {d['params'] / s['params']:.0f}× |"
-        )
+        cells = [r["layer"], f"{r['V']:,}", str(r["H"]), f"{d['seconds'] * 1e3:.1f}", f"{s['seconds'] * 1e3:.1f}",
+                 f"{d['seconds'] / s['seconds']:.2f}×"]
+        if lp:
+            dk, sk = r["dense-kept"], r["rshare-kept"]
+            cells += [f"{r['bound_seconds'] * 1e3:.2f}", f"{lp['seconds'] * 1e3:.1f}", f"{d['seconds'] / lp['seconds']:.2f}×",
+                      f"{dk['seconds'] * 1e3:.1f}", f"{sk['seconds'] * 1e3:.1f}", f"{dk['seconds'] / sk['seconds']:.2f}×",
+                      f"{d['peak_rss_mb']:.0f} / {s['peak_rss_mb']:.0f} / {lp['peak_rss_mb']:.0f}"]
+        else:
+            cells += ["–"] * 6 + [f"{d['peak_rss_mb']:.0f} / {s['peak_rss_mb']:.0f}"]
+        cells.append(f"{d['params'] / s['params']:.0f}×")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,13 +159,21 @@ def main():
         print(json.dumps(measure(*json.loads(args.one))))
         return
 
+    from fairseq_rshare.models.rshare_config import pool_size_of_ratio
+
     cases, tokens, repeats = grid(args.smoke)
+    bandwidth = copy_bandwidth()
     rows = []
     for layer, V, H in cases:
         row = {"layer": layer, "V": V, "H": H}
+        K = args.subvectors
         variants = ("dense", "rshare", "rshare-lprobs") if layer == "output" else ("dense", "rshare")
         for variant in variants:
-            row[variant] = run_case(layer, variant, V, H, args.subvectors, args.ratio, tokens, repeats)
+            row[variant] = run_case(layer, variant, V, H, K, args.ratio, tokens, repeats)
+        if layer == "output":
+            for variant in ("dense", "rshare"):
+                row[variant + "-kept"] = run_case(layer, variant, V, H, K, args.ratio, tokens, repeats, True)
+            row["bound_seconds"] = loss_path_bytes(V, K, pool_size_of_ratio(V, K, args.ratio), tokens) / bandwidth
         print(f"{layer} V={V} H={H}: dense {row['dense']['seconds'] * 1e3:.1f} ms, rshare "
               f"{row['rshare']['seconds'] * 1e3:.1f} ms ({row['dense']['seconds'] / row['rshare']['seconds']:.2f}×)",
               flush=True)
@@ -143,7 +181,7 @@ def main():
     meta = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "K": args.subvectors,
-        "ratio": args.ratio, "tokens": tokens, "repeats": repeats,
+        "ratio": args.ratio, "tokens": tokens, "repeats": repeats, "copy_gb_per_s": bandwidth / 1e9,
     }
     save_results(args.out, "layers", meta, rows, markdown(rows, meta))
 

@@ -44,6 +44,30 @@ def test_fused_kernels_equal_stock_ops_in_float32_for_random_shapes(N, V, K, R, 
         for a, b in zip(torch.autograd.grad((fast.double() * weight).sum(), params),
                         torch.autograd.grad((reference * weight).sum(), exact)):
             assert torch.allclose(a.double(), b, atol=tolerance, rtol=1e-5)
+    # The gradient computed in the forward pass, used when the incoming one is as expected.
+    expected = weights[:, 0].float()
+    fast = logsumexp_of_words(scores, mapping_columns, bias, expected_grad=expected)
+    reference = torch.logsumexp(stock_word_logits(exact[0], mapping_columns, exact[1] if bias is not None else None), -1)
+    for a, b in zip(torch.autograd.grad((fast * expected * 2.5).sum(), params),
+                    torch.autograd.grad((reference * weights[:, 0] * 2.5).sum(), exact)):
+        assert torch.allclose(a.double(), b, atol=2.5 * tolerance, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spread", [0.01, 40.0])
+def test_fused_kernels_hold_for_nearly_equal_and_for_widely_spread_logits(spread):
+    """The kernels' own exp: near 0 (every logit alike) and far below -87 (where it gives 0)."""
+    generator = torch.Generator().manual_seed(1)
+    mapping_columns = random_mapping(700, 4, 64, generator)
+    scores = (torch.randn(13, 64, generator=generator) * spread).requires_grad_()
+    exact = scores.detach().double().requires_grad_()
+    for fused, stock in [(log_softmax_of_words, torch.log_softmax), (logsumexp_of_words, torch.logsumexp)]:
+        fast = fused(scores, mapping_columns)
+        reference = stock(stock_word_logits(exact, mapping_columns), -1)
+        assert torch.allclose(fast.double(), reference, atol=1e-4, rtol=1e-5)
+        weight = torch.rand(fast.shape, generator=generator, dtype=torch.float64)
+        (a,) = torch.autograd.grad((fast.double() * weight).sum(), scores)
+        (b,) = torch.autograd.grad((reference * weight).sum(), exact)
+        assert torch.allclose(a.double(), b, atol=1e-4, rtol=1e-4)
 
 
 def test_double_backward_raises_instead_of_being_silently_wrong():

@@ -11,7 +11,9 @@ score table.  Two fused functions of it, each with its backward:
 
 The kernels take 8 tokens at a time with their scores interleaved (R x 8), so that one loaded
 slot index and one 32-byte load serve all 8 tokens, and walk the vocabulary in chunks that
-stay in cache; the backward recomputes the logits instead of storing them.  They are compiled
+stay in cache.  In training, :func:`logsumexp_of_words` computes its gradient in the forward
+pass, keeping each tile's logits (V x 8 floats a thread) between the two; every other
+backward recomputes the logits instead of storing them.  They are compiled
 with ``torch.utils.cpp_extension`` on first use (about a minute, said on stderr) into a folder
 named by :func:`build_key`, then loaded from it; where that fails, or for other dtypes and
 devices, stock PyTorch ops compute the same values.
@@ -38,12 +40,12 @@ with open(SOURCE_FILE) as _source:
     CPP_SOURCE = _source.read()
 
 
-FUNCTIONS = ["logsumexp_forward", "logsumexp_backward", "log_softmax_forward", "log_softmax_backward"]
+FUNCTIONS = ["logsumexp_forward", "logsumexp_backward", "logsumexp_forward_backward", "log_softmax_forward", "log_softmax_backward"]
 # Portable flags: the binary runs on any CPU of its architecture, so a cache copied to another
-# machine still works.  -march=native (or x86-64-v3, AVX2) alone measured no faster: the exps
-# stay scalar.  With -ffast-math they vectorise (glibc's SIMD expf): the kernels ran 1.2-1.4x
-# faster, a demo-sized rshare training step 5-10%; but it lets the compiler assume there are
-# no infinities, and LogSumExp starts from -inf.
+# machine still works.  The exponentials, the kernels' largest cost as scalar std::exp calls,
+# are computed four at a time by the source's own exp4 (vector extensions, SSE on the baseline)
+# rather than by -ffast-math, which would let the compiler assume there are no infinities
+# (LogSumExp starts from -inf).
 CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
@@ -148,19 +150,46 @@ class FusedLogSoftmaxOfWords(torch.autograd.Function):
 
 
 class FusedLogSumExpOfWords(torch.autograd.Function):
+    """The log-normalisers.  Given the gradient they are expected to receive (up to one
+    factor), the forward computes that gradient in the same pass over the vocabulary; the
+    backward scales it when the incoming gradient is proportional to the expected one, and
+    otherwise recomputes the logits."""
+
     @staticmethod
-    def forward(ctx, scores, mapping_columns, bias):
+    def forward(ctx, scores, mapping_columns, bias, expected_grad):
         bias = _bias_or_empty(scores, bias)
-        lse = extension().logsumexp_forward(scores, mapping_columns, bias)
-        ctx.save_for_backward(scores, mapping_columns, bias, lse)
+        ctx.precomputed = expected_grad is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[2])
+        if ctx.precomputed:
+            expected_grad = expected_grad.float().contiguous()
+            lse, grad_scores, grad_bias = extension().logsumexp_forward_backward(
+                scores, mapping_columns, bias, expected_grad)
+            ctx.save_for_backward(scores, mapping_columns, bias, lse, expected_grad, grad_scores, grad_bias)
+        else:
+            lse = extension().logsumexp_forward(scores, mapping_columns, bias)
+            ctx.save_for_backward(scores, mapping_columns, bias, lse)
         return lse
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad):
-        scores, mapping_columns, bias, lse = ctx.saved_tensors
+        scores, mapping_columns, bias, lse = ctx.saved_tensors[:4]
+        if ctx.precomputed:
+            expected_grad, grad_scores, grad_bias = ctx.saved_tensors[4:]
+            factor = proportionality(grad, expected_grad)
+            if factor is not None:
+                return factor * grad_scores, None, factor * grad_bias if bias.numel() else None, None
         grad_scores, grad_bias = extension().logsumexp_backward(grad.contiguous(), scores, mapping_columns, bias, lse)
-        return grad_scores, None, grad_bias if bias.numel() else None
+        return grad_scores, None, grad_bias if bias.numel() else None, None
+
+
+def proportionality(grad, expected, tolerance=1e-6):
+    """The factor c with grad = c * expected (to `tolerance` of grad's largest entry), or None."""
+    grad = grad.float()
+    norm = expected.dot(expected)
+    factor = grad.dot(expected) / norm if norm > 0 else grad.new_zeros(())
+    if (grad - factor * expected).abs().max() <= tolerance * grad.abs().max():
+        return factor
+    return None
 
 
 def _fused(scores):
@@ -175,10 +204,17 @@ def log_softmax_of_words(scores, mapping_columns, bias=None):
     return F.log_softmax(stock_word_logits(scores, mapping_columns, bias), dim=-1)
 
 
-def logsumexp_of_words(scores, mapping_columns, bias=None):
-    """logsumexp over words of the same logits; returns (N,), never building (N, V)."""
+def logsumexp_of_words(scores, mapping_columns, bias=None, expected_grad=None):
+    """logsumexp over words of the same logits; returns (N,), never building (N, V).
+
+    ``expected_grad`` (N,): the gradient the result will receive, up to one factor; ones (what
+    ``.sum()`` sends) by default.  The fused kernels then compute the gradient in the forward
+    pass, which saves the backward a second pass over the vocabulary; any other incoming
+    gradient is still exact, through that second pass."""
     if _fused(scores):
-        return FusedLogSumExpOfWords.apply(scores.contiguous(), mapping_columns, bias)
+        if expected_grad is None and torch.is_grad_enabled():
+            expected_grad = scores.new_ones(scores.shape[0])
+        return FusedLogSumExpOfWords.apply(scores.contiguous(), mapping_columns, bias, expected_grad)
     return torch.logsumexp(stock_word_logits(scores, mapping_columns, bias), dim=-1)
 
 

@@ -5,6 +5,38 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+#include <cstring>
+
+// Four lanes at once with GCC/Clang vector extensions: one SSE register, the portable baseline
+// (eight-lane vectors fall back to scalar code there).
+typedef float f4 __attribute__((vector_size(4 * sizeof(float))));
+typedef int32_t i4 __attribute__((vector_size(4 * sizeof(int32_t))));
+
+static inline f4 load4(const float* p) { f4 v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void store4(float* p, f4 v) { std::memcpy(p, &v, sizeof v); }
+
+// exp(x) for x <= 0 (every use here: a logit minus its running maximum or its log-normaliser),
+// four at once; std::exp is one scalar call per value, which was the kernels' largest cost.
+// Cephes' expf: x = n ln2 + r with ln2 in two parts, a polynomial for e^r, 2^n from the
+// exponent bits; relative error below 1e-7.  Below -87 it gives 0, so -inf (an empty lane or
+// the running maximum's start) gives 0.
+static inline f4 exp4(f4 x) {
+  const f4 clamped = x < -87.f ? f4{} - 87.f : x;
+  const i4 n = __builtin_convertvector(clamped * 1.44269504088896341f - 0.5f, i4);  // round(x / ln2), x <= 0
+  const f4 nf = __builtin_convertvector(n, f4);
+  const f4 r = clamped - nf * 0.693359375f + nf * 2.12194440e-4f;
+  f4 p = f4{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const i4 bits = (n + 127) << 23;
+  f4 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.f ? f4{} : p * scale;
+}
 
 constexpr int64_t TILE = 8;     // tokens per pass: one index and one 32-byte load serve them all
 constexpr int64_t CHUNK = 512;  // words per pass: their TILE x CHUNK logits stay in L1
@@ -67,15 +99,12 @@ struct LogSumExp {
     std::fill(total, total + TILE, 0.f);
   }
   void add(const float* y, int64_t C) {
-    float m[TILE], sum[TILE] = {0.f};
-    std::copy(top, top + TILE, m);
-    for (int64_t j = 0; j < C; ++j)
-      for (int64_t t = 0; t < TILE; ++t) m[t] = std::max(m[t], y[j * TILE + t]);
-    for (int64_t j = 0; j < C; ++j)
-      for (int64_t t = 0; t < TILE; ++t) sum[t] += std::exp(y[j * TILE + t] - m[t]);
-    for (int64_t t = 0; t < TILE; ++t) {
-      total[t] = total[t] * std::exp(top[t] - m[t]) + sum[t];
-      top[t] = m[t];
+    for (int64_t h = 0; h < TILE; h += 4) {
+      f4 m = load4(top + h), sum = {};
+      for (int64_t j = 0; j < C; ++j) { const f4 v = load4(y + j * TILE + h); m = v > m ? v : m; }
+      for (int64_t j = 0; j < C; ++j) sum += exp4(load4(y + j * TILE + h) - m);
+      store4(total + h, load4(total + h) * exp4(load4(top + h) - m) + sum);
+      store4(top + h, m);
     }
   }
   float value(int64_t t) const { return top[t] + std::log(total[t]); }
@@ -107,14 +136,15 @@ constexpr int64_t BIAS_PARTS = 32;
 
 // Runs body(n0, tile, y, dtile, dbias) for every tile of TILE tokens, in parallel; returns the
 // bias gradient (empty without a bias).
+// y holds the logits of CHUNK words, or of the whole vocabulary with all_words.
 template <typename Body>
 static torch::Tensor for_each_tile(const Mapping& b, int64_t N, bool with_dtile, bool with_dbias,
-                                   const torch::TensorOptions& options, Body body) {
+                                   const torch::TensorOptions& options, Body body, bool all_words = false) {
   const int64_t tiles = (N + TILE - 1) / TILE;
   const int64_t parts = with_dbias ? std::min(tiles, BIAS_PARTS) : tiles;
   auto dbias = torch::zeros({with_dbias ? parts : 0, b.V}, options);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(b.R * TILE), y(CHUNK * TILE), dtile(with_dtile ? b.R * TILE : 0);
+    std::vector<float> tile(b.R * TILE), y((all_words ? b.V : CHUNK) * TILE), dtile(with_dtile ? b.R * TILE : 0);
     for (int64_t p = begin; p < end; ++p) {
       float* db = with_dbias ? dbias.data_ptr<float>() + p * b.V : nullptr;
       for (int64_t i = p * tiles / parts; i < (p + 1) * tiles / parts; ++i)
@@ -157,6 +187,59 @@ torch::Tensor logsumexp_forward(torch::Tensor scores, torch::Tensor mapping, tor
   return lse;
 }
 
+// Lane weights and log-normalisers of the tile at n0: lanes past N weigh nothing, and
+// exp(logit - inf) = 0 there, never 0 * exp(a large bias) = NaN.
+static void tile_lanes(const float* g, const float* l, int64_t N, int64_t n0, float* gt, float* lt) {
+  std::fill(gt, gt + TILE, 0.f);
+  std::fill(lt, lt + TILE, std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < TILE && n0 + t < N; ++t) { gt[t] = g[n0 + t]; lt[t] = l[n0 + t]; }
+}
+
+// y[j * TILE + t] = gt[t] * softmax of the logit there (exp(y - lt)), for C words.
+static void weighted_softmax(const float* gt, const float* lt, int64_t C, float* y) {
+  for (int64_t h = 0; h < TILE; h += 4) {
+    const f4 gv = load4(gt + h), lv = load4(lt + h);
+    for (int64_t j = 0; j < C; ++j) store4(y + j * TILE + h, gv * exp4(load4(y + j * TILE + h) - lv));
+  }
+}
+
+// The log-normalisers and, in the same pass over the vocabulary, their gradient for an
+// incoming gradient equal to `weights`: each tile's logits are gathered once and kept (V x 8
+// floats a thread), where the forward and a separate backward would gather them twice.
+std::vector<torch::Tensor> logsumexp_forward_backward(torch::Tensor scores, torch::Tensor mapping, torch::Tensor bias,
+                                                      torch::Tensor weights) {
+  const Mapping b = mapping_of(scores, mapping, bias);
+  const int64_t N = scores.size(0);
+  check_same(weights, {N}, "weights");
+  auto lse = torch::empty({N}, scores.options());
+  auto grad_scores = torch::empty_like(scores);
+  const float* s = scores.data_ptr<float>();
+  const float* w = weights.data_ptr<float>();
+  float* out = lse.data_ptr<float>();
+  float* ds = grad_scores.data_ptr<float>();
+  auto grad_bias = for_each_tile(b, N, true, b.bias != nullptr, scores.options(),
+      [&](int64_t n0, float* tile, float* y, float* dtile, float* dbias) {
+    load_tile(s, N, b.R, n0, tile);
+    LogSumExp running;
+    for (int64_t v0 = 0; v0 < b.V; v0 += CHUNK) {
+      const int64_t C = std::min(CHUNK, b.V - v0);
+      chunk_logits(b, tile, v0, C, y + v0 * TILE);
+      running.add(y + v0 * TILE, C);
+    }
+    for (int64_t t = 0; t < TILE && n0 + t < N; ++t) out[n0 + t] = running.value(t);
+    float gt[TILE], lt[TILE];
+    tile_lanes(w, out, N, n0, gt, lt);
+    std::fill(dtile, dtile + b.R * TILE, 0.f);
+    for (int64_t v0 = 0; v0 < b.V; v0 += CHUNK) {
+      const int64_t C = std::min(CHUNK, b.V - v0);
+      weighted_softmax(gt, lt, C, y + v0 * TILE);
+      chunk_scatter(b, y + v0 * TILE, v0, C, dtile, dbias);
+    }
+    store_tile(dtile, N, b.R, n0, ds);
+  }, true);
+  return {lse, grad_scores, grad_bias};
+}
+
 // d lse[n] / d logit[n, w] = softmax[n, w]: recompute the logits, scatter grad[n] * softmax.
 std::vector<torch::Tensor> logsumexp_backward(torch::Tensor grad, torch::Tensor scores, torch::Tensor mapping,
                                               torch::Tensor bias, torch::Tensor lse) {
@@ -173,15 +256,12 @@ std::vector<torch::Tensor> logsumexp_backward(torch::Tensor grad, torch::Tensor 
       [&](int64_t n0, float* tile, float* y, float* dtile, float* dbias) {
     load_tile(s, N, b.R, n0, tile);
     std::fill(dtile, dtile + b.R * TILE, 0.f);
-    // Lanes past N weigh nothing: exp(logit - inf) = 0, never 0 * exp(a large bias) = NaN.
-    float gt[TILE] = {0.f}, lt[TILE];
-    std::fill(lt, lt + TILE, std::numeric_limits<float>::infinity());
-    for (int64_t t = 0; t < TILE && n0 + t < N; ++t) { gt[t] = g[n0 + t]; lt[t] = l[n0 + t]; }
+    float gt[TILE], lt[TILE];
+    tile_lanes(g, l, N, n0, gt, lt);
     for (int64_t v0 = 0; v0 < b.V; v0 += CHUNK) {
       const int64_t C = std::min(CHUNK, b.V - v0);
       chunk_logits(b, tile, v0, C, y);
-      for (int64_t j = 0; j < C; ++j)
-        for (int64_t t = 0; t < TILE; ++t) y[j * TILE + t] = gt[t] * std::exp(y[j * TILE + t] - lt[t]);
+      weighted_softmax(gt, lt, C, y);
       chunk_scatter(b, y, v0, C, dtile, dbias);
     }
     store_tile(dtile, N, b.R, n0, ds);
@@ -238,7 +318,14 @@ std::vector<torch::Tensor> log_softmax_backward(torch::Tensor grad, torch::Tenso
       std::fill(y, y + C * TILE, 0.f);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row = (n0 + t) * V + v0;
-        for (int64_t j = 0; j < C; ++j) y[j * TILE + t] = g[row + j] - std::exp(lp[row + j]) * gsum[t];
+        for (int64_t j = 0; j < C; j += 4) {
+          float probs[4] = {0.f, 0.f, 0.f, 0.f}, lp4[4];
+          const int64_t n = std::min<int64_t>(4, C - j);
+          std::fill(lp4, lp4 + 4, -std::numeric_limits<float>::infinity());
+          std::copy(lp + row + j, lp + row + j + n, lp4);
+          store4(probs, exp4(load4(lp4)));
+          for (int64_t i = 0; i < n; ++i) y[(j + i) * TILE + t] = g[row + j + i] - probs[i] * gsum[t];
+        }
       }
       chunk_scatter(b, y, v0, C, dtile, dbias);
     }

@@ -172,12 +172,13 @@ class RandomSharedOutput(nn.Module):
         """
         scores = self.pool_scores(features)
         target = target.reshape(-1)
-        logsumexp = logsumexp_of_words(scores, self.mapping_columns, self.bias)
+        keep = target.ne(ignore_index) if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        # Both losses below weigh each kept token's log-normaliser alike: the gradient to expect.
+        logsumexp = logsumexp_of_words(scores, self.mapping_columns, self.bias, expected_grad=keep.to(scores.dtype))
         target_logit = scores.gather(1, self.mapping_columns[target].long()).sum(1)
         if self.bias is not None:
             target_logit = target_logit + self.bias[target]
         nll = logsumexp - target_logit
-        keep = target.ne(ignore_index) if ignore_index is not None else torch.ones_like(nll, dtype=torch.bool)
         nll_loss = nll.masked_fill(~keep, 0.0).sum()
         if not label_smoothing:
             return nll_loss, nll_loss
