@@ -8,9 +8,10 @@ Every run is a real `fairseq-train` process (words/s from fairseq's own log, pea
 that process, the size of the checkpoint it saves), repeated with the variants interleaved;
 figures are medians and ratios are rshare over dense from the same run.  Cases:
 - LSTM LMs on PTB- and WikiText-2-shaped data (V=10k and 33k, 2x200, synthetic Zipfian ids):
-  dense, rshare at 1 % (path chosen by the cost model; rshare runs train with
-  --criterion rshare_cross_entropy, dense ones with fairseq's own), and the two regimes of the output
-  path at V=10k (2000 and 200 pool entries per position, each path forced);
+  dense, rshare at 1 % (rshare runs train with --criterion rshare_cross_entropy, dense ones with
+  fairseq's own; the output path `auto`, measured at the first step), at V=10k the LM recipe's
+  rshare (10 %, output bias), and two regimes of the output path (2000 and 200 pool entries per
+  position: each path forced, and auto);
 - the transformer NMT on Multi30k de-en (needs ../shared/data/multi30k; prepared with
   recipes/translation.sh), dense against rshare at 10 %;
 - a One-Billion-Word-sized LSTM LM (V=800k, H=1024, one layer), a few updates: rshare, and
@@ -168,8 +169,9 @@ def cases(smoke, work, wanted=lambda name: True):
         data = synthetic_lm_data(os.path.join(work, f"lm{vocabulary}"), vocabulary, 2240 * updates + 5000)
         variants = {"dense": DENSE, "rshare 1 %": ["--rshare-ratio", "0.01", *RSHARE]}
         if index == 0:
+            variants["rshare 10 %, bias (LM recipe)"] = ["--rshare-ratio", "0.1", "--rshare-output-bias", *RSHARE]
             for per_position in (2000, 200) if not smoke else (20,):
-                for path in ("pool-scores", "materialize"):
+                for path in ("pool-scores", "materialize", "auto"):
                     variants[f"rshare {per_position}/position, {path}"] = [
                         "--rshare-pool-size", str(8 * per_position), "--rshare-output-path", path, *RSHARE]
         yield name, data, {v: lm_flags(hidden, 2, updates, 2240, f) for v, f in variants.items()}, None, "lm"
@@ -188,8 +190,8 @@ def cases(smoke, work, wanted=lambda name: True):
 
 def markdown(rows, meta):
     lines = [
-        f"Measured {meta['date']} on {meta['machine']}, torch {meta['torch']}; median of "
-        f"{meta['repeats']} interleaved runs (memory case: one run each).",
+        f"Measured on {meta['machine']}, torch {meta['torch']}; median of "
+        f"{meta['repeats']} interleaved runs (memory case: one run each); each case's date beside it.",
         "",
         "Evaluation: fairseq-eval-lm tokens/s (LMs), beam-5 fairseq-generate sentences/s (NMT), "
         "of the checkpoint each run saved.",
@@ -200,9 +202,10 @@ def markdown(rows, meta):
     ]
     for row in rows:
         dense = row["runs"]["dense"]
+        case = f"{row['case']}, {row['date']}"
         for variant, run in row["runs"].items():
             if not run["ok"]:
-                lines.append(f"| {row['case']} | {variant} | failed: {run['error']} | | {run['peak_rss_mb']:,} | | | | |")
+                lines.append(f"| {case} | {variant} | failed: {run['error']} | | {run['peak_rss_mb']:,} | | | | |")
                 continue
             speed = size = evaluation_ratio = "–"
             evaluation = next((f"{run[key]:,.1f} {unit}" for key, unit in EVALUATION_SPEEDS.items() if key in run), "–")
@@ -212,7 +215,7 @@ def markdown(rows, meta):
                 evaluation_ratio = next((f"{run[key] / dense[key]:.2f}×" for key in EVALUATION_SPEEDS
                                          if key in run and key in dense), "–")
             lines.append(
-                f"| {row['case']} | {variant} | {run['words_per_second']:,.0f} | {speed} "
+                f"| {case} | {variant} | {run['words_per_second']:,.0f} | {speed} "
                 f"| {run['peak_rss_mb']:,} | {run['checkpoint_bytes'] / 1e6:.1f} | {size} "
                 f"| {evaluation} | {evaluation_ratio} |")
     return "\n".join(lines) + "\n"
@@ -251,7 +254,7 @@ def main():
             for _ in range(1 if cap else repeats):
                 for variant, flags in variants.items():
                     runs[variant].append(train(data, flags, os.path.join(work, "save"), cap, evaluate))
-            row = {"case": case, "runs": {v: median_run(r) for v, r in runs.items()}}
+            row = {"case": case, "date": time.strftime("%Y-%m-%d"), "runs": {v: median_run(r) for v, r in runs.items()}}
             for variant, run in row["runs"].items():
                 print(f"{case} | {variant}: " + (f"{run['words_per_second']:,.0f} words/s" if run["ok"]
                       else f"failed ({run['error']})") + f", peak RSS {run['peak_rss_mb']:,} MB", flush=True)

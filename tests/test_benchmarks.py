@@ -17,13 +17,14 @@ def test_every_benchmark_runs_from_one_command_in_smoke_mode(tmp_path):
                     "--out", str(tmp_path)], check=True, capture_output=True)
     rows = json.loads((tmp_path / "training.json").read_text())["rows"]
     runs = {(row["case"], variant): run for row in rows for variant, run in row["runs"].items()}
-    assert len(runs) == 6
+    assert len(runs) == 8
     for (case, variant), run in runs.items():
         assert run["ok"], (case, variant, run)
         assert run["words_per_second"] > 0 and run["peak_rss_mb"] > 0
     for case in {case for case, _ in runs}:
         assert runs[(case, "rshare 1 %")]["checkpoint_bytes"] < runs[(case, "dense")]["checkpoint_bytes"]
-    assert any("materialize" in variant for _, variant in runs)
+    assert {path for _, variant in runs for path in ("pool-scores", "materialize", "auto") if variant.endswith(path)} == {
+        "pool-scores", "materialize", "auto"}
     for (case, variant), run in runs.items():  # the LM runs also time fairseq-eval-lm
         assert ("eval_tokens_per_second" in run) == ("1BW" not in case), (case, variant, run)
     layers = json.loads((tmp_path / "layers.json").read_text())["rows"]
@@ -33,6 +34,8 @@ def test_every_benchmark_runs_from_one_command_in_smoke_mode(tmp_path):
             assert math.isfinite(row[variant]["seconds"]) and row[variant]["seconds"] > 0
             assert row[variant]["peak_rss_mb"] > 0
         assert row["dense"]["params"] == row["V"] * row["H"]
+        if row["layer"] == "output":
+            assert row["bound_seconds"] > 0 and row["dense-kept"]["seconds"] > 0 and row["rshare-kept"]["seconds"] > 0
     assert "| output | 2,000 | 64 |" in (tmp_path / "layers.md").read_text()
     for name in ("layers", "training"):
         assert (tmp_path / f"{name}.md").stat().st_size > 0
