@@ -318,14 +318,13 @@ std::vector<torch::Tensor> log_softmax_backward(torch::Tensor grad, torch::Tenso
       std::fill(y, y + C * TILE, 0.f);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row = (n0 + t) * V + v0;
-        for (int64_t j = 0; j < C; j += 4) {
-          float probs[4] = {0.f, 0.f, 0.f, 0.f}, lp4[4];
-          const int64_t n = std::min<int64_t>(4, C - j);
-          std::fill(lp4, lp4 + 4, -std::numeric_limits<float>::infinity());
-          std::copy(lp + row + j, lp + row + j + n, lp4);
-          store4(probs, exp4(load4(lp4)));
-          for (int64_t i = 0; i < n; ++i) y[(j + i) * TILE + t] = g[row + j + i] - probs[i] * gsum[t];
+        int64_t j = 0;
+        for (; j + 4 <= C; j += 4) {
+          float d[4];
+          store4(d, load4(g + row + j) - exp4(load4(lp + row + j)) * gsum[t]);
+          for (int64_t i = 0; i < 4; ++i) y[(j + i) * TILE + t] = d[i];
         }
+        for (; j < C; ++j) y[j * TILE + t] = g[row + j] - std::exp(lp[row + j]) * gsum[t];
       }
       chunk_scatter(b, y, v0, C, dtile, dbias);
     }
