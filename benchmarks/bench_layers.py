@@ -9,10 +9,10 @@ dense/rshare from the same run.  Gradients are set to None after every step, as 
 optimizer does; the output layer is timed a second time with its gradients kept and zeroed in
 place (plain PyTorch's habit), where dense no longer allocates a fresh V x H gradient each step.
 Beside the loss path's time stands its memory-traffic bound: the bytes it must move
-(:func:`loss_path_bytes`) over the copy bandwidth measured at the start.  The output layer has two rshare variants: "rshare", the
-cross-entropy computed from the pool scores (RandomSharedOutput.loss, what training with
---criterion rshare_cross_entropy runs), and "rshare-lprobs", the (tokens, V) log-probabilities
-then nll_loss (what fairseq's stock criteria, eval-lm and generation consume).
+(:func:`loss_path_bytes`) over the copy bandwidth measured at the start.  The output layer has
+two rshare variants: "rshare", the cross-entropy computed from the pool scores
+(RandomSharedOutput.loss, what training with --criterion rshare_cross_entropy runs), and
+"rshare-lprobs", the (tokens, V) log-probabilities then nll_loss (what fairseq's stock criteria, eval-lm and generation consume).
 Writes benchmarks/results/layers.json and .md.
 """
 import argparse
@@ -45,9 +45,9 @@ def build(layer, variant, V, H, K, ratio):
 
 def loss_path_bytes(V, K, R, tokens, tile=8):
     """Bytes the pool-scores loss must read and write for a batch, at least: the (V, K) int32
-    mapping once per tile of 8 tokens in the forward and again in the backward (the logits are
-    recomputed), and the (tokens, R) float32 score table written, read twice, its gradient
-    written and read back by the pool-score matmul's backward."""
+    mapping twice per tile of 8 tokens (to gather the logits, then to scatter their gradient),
+    and the (tokens, R) float32 score table written, read twice, its gradient written and read
+    back by the pool-score matmul's backward."""
     tiles = -(-tokens // tile)
     return 2 * tiles * V * K * 4 + 5 * tokens * R * 4
 
