@@ -248,6 +248,16 @@ def test_embedding_concatenates_pool_rows_and_zeroes_padding():
         assert torch.equal(vectors[tuple(position)], torch.cat(rows))
 
 
+@pytest.mark.parametrize("kind,private", [("position", ()), ("global", ()), ("position", (5, 6))])
+def test_materialized_matrix_gradient_sums_each_pool_row_over_its_slots(kind, private):
+    table = RandomSharedEmbedding(40, 12, 1, 4, 24, kind, private_words=private).double()
+    upstream = torch.randn(40, 12, dtype=torch.float64)
+    (table.materialized_weight() * upstream).sum().backward()
+    slots = upstream.view(40, 4, 3)
+    expected = torch.stack([slots[table.mapping == row].sum(0) for row in range(24)])
+    torch.testing.assert_close(table.pool.grad, expected)
+
+
 def test_padding_gets_no_gradient():
     table = RandomSharedEmbedding(20, 8, padding_idx=1, num_subvectors=2, pool_size=10)
     table(torch.tensor([1, 1, 1])).sum().backward()

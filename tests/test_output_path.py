@@ -1,4 +1,5 @@
-"""--rshare-output-path auto on CPU: measured at the first training step, the same on every rank."""
+"""--rshare-output-path auto on CPU: measured on the first call of training and of evaluation,
+the same on every rank."""
 import os
 import socket
 
@@ -13,7 +14,7 @@ SHAPE = dict(num_embeddings=2000, embedding_dim=64, padding_idx=1, num_subvector
 
 
 def rigged(times):
-    return lambda self, path, num_tokens: times[path]
+    return lambda self, path, num_tokens, regime: times[path]
 
 
 def test_auto_takes_the_faster_measured_path(monkeypatch, caplog):
@@ -26,25 +27,43 @@ def test_auto_takes_the_faster_measured_path(monkeypatch, caplog):
     assert "pool-scores 2000.0 ms, materialize 1000.0 ms: taking materialize" in caplog.text
 
 
-def test_evaluation_measures_nothing_and_a_forced_path_is_kept(monkeypatch):
+def test_training_and_evaluation_are_measured_apart_and_once(monkeypatch):
+    timed = []
+
+    def time_path(self, path, num_tokens, regime):
+        timed.append(regime)
+        faster = "pool-scores" if regime == "training" else "materialize"
+        return 1.0 if path == faster else 2.0
+
+    monkeypatch.setattr(RandomSharedOutput, "time_path", time_path)
+    output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE))
+    for _ in range(2):
+        output.train()(torch.randn(4, 64)).sum().backward()
+        assert output.path == "pool-scores"
+        with torch.no_grad():
+            output.eval()(torch.randn(4, 64))
+        assert output.path == "materialize"
+    assert timed == ["training", "training", "evaluation", "evaluation"]
+
+
+def test_a_forced_path_is_kept(monkeypatch):
     def fail(*args):
         raise AssertionError("measured")
 
     monkeypatch.setattr(RandomSharedOutput, "time_path", fail)
-    auto = RandomSharedOutput(RandomSharedEmbedding(**SHAPE)).eval()
-    with torch.no_grad():
-        auto(torch.randn(4, 64))
-    assert auto.measured_path is None
     for path in ("pool-scores", "materialize"):
         forced = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), path=path).train()
         forced(torch.randn(4, 64)).sum().backward()
+        with torch.no_grad():
+            forced.eval()(torch.randn(4, 64))
         assert forced.path == path
 
 
 def test_timing_touches_no_gradient():
     output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), bias=True)
     for path in ("pool-scores", "materialize"):
-        assert output.time_path(path, 16) > 0
+        for regime in ("training", "evaluation"):
+            assert output.time_path(path, 16, regime) > 0
     assert all(p.grad is None for p in output.parameters())
 
 

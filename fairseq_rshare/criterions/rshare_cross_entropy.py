@@ -23,7 +23,7 @@ class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     parent's path, with the same values.
     """
 
-    announced = False  # which path the loss takes is logged once
+    announced = frozenset()  # the paths the loss has taken, each logged once
 
     def compute_loss(self, model, net_output, sample, reduce=True):
         """The parent's loss from log-probabilities; without label smoothing, the NLL alone:
@@ -37,12 +37,12 @@ class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def forward(self, model, sample, reduce=True):
         output = getattr(getattr(model, "decoder", None), "output_projection", None)
-        if isinstance(output, RandomSharedOutput) and model.training:
+        if isinstance(output, RandomSharedOutput):
             output.measure_path_once(sample["ntokens"])
         fused = isinstance(output, RandomSharedOutput) and output.path == "pool-scores"
         fused = fused and not self.report_accuracy and reduce
-        if not self.announced:
-            self.announced = True
+        if fused not in self.announced:
+            self.announced = self.announced | {fused}
             logger.info(
                 "rshare_cross_entropy: loss from the pool scores" if fused else
                 "rshare_cross_entropy: loss from log-probabilities (no pool-scores output layer, "

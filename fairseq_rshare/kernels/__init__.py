@@ -177,7 +177,9 @@ class FusedLogSumExpOfWords(torch.autograd.Function):
             expected_grad, grad_scores, grad_bias = ctx.saved_tensors[4:]
             factor = proportionality(grad, expected_grad)
             if factor is not None:
-                return factor * grad_scores, None, factor * grad_bias if bias.numel() else None, None
+                if factor != 1:  # a plain sum's backward sends exactly the expected gradient
+                    grad_scores, grad_bias = factor * grad_scores, factor * grad_bias
+                return grad_scores, None, grad_bias if bias.numel() else None, None
         grad_scores, grad_bias = extension().logsumexp_backward(grad.contiguous(), scores, mapping_columns, bias, lse)
         return grad_scores, None, grad_bias if bias.numel() else None, None
 

@@ -51,10 +51,11 @@ class RandomSharedOutput(nn.Module):
     - materialize: build the V x H matrix from the pool once a batch and multiply, as dense.
       Faster when H/K is small or the pool is large (a dense matmul multiply-add is about
       SCORE_COST times cheaper than a pool score or a gathered score).
-    ``path="auto"`` on CPU times both at the first training step (:meth:`measure_path_once`,
-    every rank taking rank 0's choice); until then, in evaluation-only runs and on other
-    devices, it picks by :func:`pool_scores_is_cheaper`, a pure function of the shape and the
-    device.  Forward returns log-probabilities;
+    ``path="auto"`` on CPU times both on the first call of each regime (:meth:`measure_path_once`,
+    every rank taking rank 0's choice): training (forward and backward of the loss) and
+    evaluation (forward only, where the materialised matrix is kept between calls) are timed
+    and chosen apart.  Before that, and on other devices, it picks by
+    :func:`pool_scores_is_cheaper`, a pure function of the shape and the device.  Forward returns log-probabilities;
     they are normalised logits, and fairseq's own log-softmax over them changes nothing.
     """
 
@@ -80,7 +81,7 @@ class RandomSharedOutput(nn.Module):
                 raise RShareConfigError("a table with word_scale runs on path materialize (or auto) only")
             path = "materialize"
         self.path_setting = path
-        self.measured_path = None
+        self.measured_paths = {}  # regime ("training" or "evaluation") -> the faster path timed
         if self.path_on("cpu") == "pool-scores" and not torch.cuda.is_available():
             extension()  # compile or load the fused kernel now, not inside the first timed step
 
@@ -94,49 +95,62 @@ class RandomSharedOutput(nn.Module):
         cheaper = pool_scores_is_cheaper(table.num_embeddings, table.embedding_dim, K, scores_per_token, device_type)
         return "pool-scores" if cheaper else "materialize"
 
+    def regime(self):
+        """"training" when a backward will follow (training mode with gradients on), else
+        "evaluation": the two cost differently, so auto times and chooses them apart."""
+        return "training" if self.training and torch.is_grad_enabled() else "evaluation"
+
     @property
     def path(self):
         """The path taken where the parameters are now: the measured one once there is one."""
         device_type = self.table.pool.device.type
-        if self.measured_path is not None and device_type == "cpu":
-            return self.measured_path
+        measured = self.measured_paths.get(self.regime())
+        if measured is not None and device_type == "cpu":
+            return measured
         return self.path_on(device_type)
 
     def measure_path_once(self, num_tokens):
-        """With path "auto" on CPU, time both paths once, on this many tokens (forward and
-        backward of the loss, as training runs them), and keep the faster from then on; in
-        distributed training every rank takes rank 0's choice, so all run the same code."""
-        if self.measured_path is not None or self.path_setting != "auto" or self.table.pool.device.type != "cpu":
+        """With path "auto" on CPU, time both paths once per regime, on this many tokens, as
+        that regime runs them, and keep the faster from then on; in distributed runs every rank
+        takes rank 0's choice, so all run the same code."""
+        regime = self.regime()
+        if regime in self.measured_paths or self.path_setting != "auto" or self.table.pool.device.type != "cpu":
             return
-        seconds = {path: self.time_path(path, max(1, num_tokens)) for path in ("pool-scores", "materialize")}
+        seconds = {path: self.time_path(path, max(1, num_tokens), regime) for path in ("pool-scores", "materialize")}
+        self._weight = self._weight_version = None  # a matrix timed in evaluation is not kept
         choice = min(seconds, key=seconds.get)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             shared = [choice]
             torch.distributed.broadcast_object_list(shared, src=0)
             choice = shared[0]
-        self.measured_path = choice
+        self.measured_paths[regime] = choice
         logger.info(
-            "rshare output layer (V=%d, H=%d, K=%d, M=%d), %d tokens, forward+backward: "
+            "rshare output layer (V=%d, H=%d, K=%d, M=%d), %d tokens, %s: "
             "pool-scores %.1f ms, materialize %.1f ms: taking %s",
-            self.table.num_embeddings, self.table.embedding_dim, self.table.num_subvectors,
-            self.table.pool_size, num_tokens, 1000 * seconds["pool-scores"], 1000 * seconds["materialize"], choice,
+            self.table.num_embeddings, self.table.embedding_dim, self.table.num_subvectors, self.table.pool_size,
+            num_tokens, regime, 1000 * seconds["pool-scores"], 1000 * seconds["materialize"], choice,
         )
 
-    def time_path(self, path, num_tokens):
-        """Seconds per training step of the loss through `path`, on random features."""
+    def time_path(self, path, num_tokens, regime):
+        """Seconds per call through `path` on random features: in training the forward and
+        backward of the loss, in evaluation the log-probabilities alone."""
         generator = torch.Generator().manual_seed(0)
-        features = torch.randn(num_tokens, self.table.embedding_dim, generator=generator,
-                               dtype=self.table.pool.dtype).requires_grad_()
+        features = torch.randn(num_tokens, self.table.embedding_dim, generator=generator, dtype=self.table.pool.dtype)
         target = torch.randint(self.table.num_embeddings, (num_tokens,), generator=generator)
-        inputs = [features] + [p for p in self.parameters() if p.requires_grad]
+        inputs = [features.requires_grad_()] + [p for p in self.parameters() if p.requires_grad]
 
-        def step():
+        def training_step():
             if path == "pool-scores":
                 loss = self.loss(features, target)[0]
             else:
                 loss = F.nll_loss(self.materialized_forward(features), target, reduction="sum")
             torch.autograd.grad(loss, inputs)  # the gradients are dropped: no .grad is touched
 
+        def evaluation_step():
+            with torch.no_grad():
+                self.log_probs_through(path, features)
+
+        step = training_step if regime == "training" else evaluation_step
         step()
         start = time.perf_counter()
         for _ in range(MEASURED_STEPS):
@@ -144,9 +158,11 @@ class RandomSharedOutput(nn.Module):
         return (time.perf_counter() - start) / MEASURED_STEPS
 
     def forward(self, features):
-        if self.training and torch.is_grad_enabled():
-            self.measure_path_once(features.numel() // features.shape[-1])
-        if self.path == "materialize":
+        self.measure_path_once(features.numel() // features.shape[-1])
+        return self.log_probs_through(self.path, features)
+
+    def log_probs_through(self, path, features):
+        if path == "materialize":
             return self.materialized_forward(features)
         lprobs = log_softmax_of_words(self.pool_scores(features), self.mapping_columns, self.bias)
         return lprobs.reshape(*features.shape[:-1], -1)
