@@ -28,8 +28,10 @@
 #               -bias            a per-word bias in the random-shared output layer
 #               -scale           a trained scale per word and sub-vector (--rshare-word-scale)
 #               -inR, -outR      the input tables', or the output table's, own ratio R
-#             and last, for the same-budget comparison (e.g. dense-h100, rshare-0.05-bias-h400):
+#             and last, for the same-budget comparison (e.g. dense-h100, dense-drop0.3,
+#             rshare-0.45-bias-h320-drop0.3), either or both in this order:
 #               -hN              embedding, LSTM and output size N instead of the preset's
+#               -dropP           dropout P instead of the preset's
 #   WORK      output folder                                                 [work/lm-$CORPUS-$PRESET]
 #   STEPS     any of: prepare train evaluate                                [prepare train evaluate]
 #   EXTRA     extra fairseq-train flags, e.g. "--max-update 50"             []
@@ -72,13 +74,19 @@ COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --ta
 [ "$PRESET" = gpu ] || COMMON="$COMMON --cpu"
 
 require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
-# size_flags VARIANT: the -hN size flags of a variant (nothing without -hN).
-size_flags() {
-  [[ $1 =~ -h([0-9]+)$ ]] || return 0
-  local n=${BASH_REMATCH[1]}
-  echo "--decoder-embed-dim $n --decoder-hidden-size $n --decoder-out-embed-dim $n"
+# model_flags VARIANT: the flags of its last suffixes -hN and -dropP (nothing without them).
+model_flags() {
+  local rest=$1 flags=
+  if [[ $rest =~ -drop(0?\.[0-9]+)$ ]]; then flags="--dropout ${BASH_REMATCH[1]}"; rest=${rest%-drop*}; fi
+  if [[ $rest =~ -h([0-9]+)$ ]]; then
+    local n=${BASH_REMATCH[1]}
+    flags="--decoder-embed-dim $n --decoder-hidden-size $n --decoder-out-embed-dim $n $flags"
+  fi
+  echo "$flags"
 }
-for variant in $VARIANTS; do variant_flags "${variant%-h[0-9]*}" 0 >/dev/null; done
+# table_variant VARIANT: the name without -hN and -dropP, for variant_flags.
+table_variant() { local rest=${1%-drop*}; echo "${rest%-h[0-9]*}"; }
+for variant in $VARIANTS; do variant_flags "$(table_variant "$variant")" 0 >/dev/null; done
 
 if [[ " $STEPS " == *" prepare "* ]]; then
   for split in train valid test; do
@@ -98,7 +106,7 @@ for variant in $VARIANTS; do
   run="$WORK/$variant"
   if [[ " $STEPS " == *" train "* ]]; then
     train_variant "$variant" "$run" "$WORK/data-bin" $COMMON $MODEL $SCHEDULE --batch-size-valid 10 \
-      $(variant_flags "${variant%-h[0-9]*}" "$(dictionary_size "$WORK/data-bin/dict.txt")") $(size_flags "$variant")
+      $(variant_flags "$(table_variant "$variant")" "$(dictionary_size "$WORK/data-bin/dict.txt")") $(model_flags "$variant")
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_best.pt" ] || die "$run/checkpoint_best.pt is missing: run the train step first"

@@ -8,8 +8,10 @@ import torch
 import torch.multiprocessing as mp
 
 from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput
+from fairseq_rshare.modules import path_costs
+from fairseq_rshare.modules.random_shared_output import TIMED_WITHIN
 
-# A shape where the cost model picks pool-scores.
+# A shape where the cost model picks pool-scores, by too little to go untimed.
 SHAPE = dict(num_embeddings=2000, embedding_dim=64, padding_idx=1, num_subvectors=8, pool_size=160)
 
 
@@ -57,6 +59,21 @@ def test_a_forced_path_is_kept(monkeypatch):
         with torch.no_grad():
             forced.eval()(torch.randn(4, 64))
         assert forced.path == path
+
+
+def test_a_clear_cost_model_is_not_timed(monkeypatch):
+    def fail(*args):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(RandomSharedOutput, "time_path", fail)
+    # V=20k, H=512, K=8, 200 entries per position: pool-scores 5.6x cheaper by the model.
+    output = RandomSharedOutput(RandomSharedEmbedding(20_000, 512, 1, 8, 1600))
+    pool_scores, materialize = path_costs(20_000, 512, 8, 1600)
+    assert materialize > TIMED_WITHIN * pool_scores
+    output.train()(torch.randn(4, 512)).sum().backward()
+    with torch.no_grad():
+        output.eval()(torch.randn(4, 512))
+    assert output.chosen_paths == {"training": "pool-scores", "evaluation": "pool-scores"}
 
 
 def test_timing_touches_no_gradient():

@@ -1,5 +1,5 @@
 """The random-shared embedding and output layer: plain modules, built from typed arguments."""
 from .random_shared_embedding import RandomSharedEmbedding
-from .random_shared_output import RandomSharedOutput, pool_scores_is_cheaper
+from .random_shared_output import RandomSharedOutput, path_costs, pool_scores_is_cheaper
 
-__all__ = ["RandomSharedEmbedding", "RandomSharedOutput", "pool_scores_is_cheaper"]
+__all__ = ["RandomSharedEmbedding", "RandomSharedOutput", "path_costs", "pool_scores_is_cheaper"]

@@ -143,8 +143,8 @@ class RandomSharedEmbedding(nn.Module):
         # row, and where each row's group starts.
         slots = torch.from_numpy(mapping).flatten()
         uses = torch.bincount(slots, minlength=pool_size)
-        self.register_buffer("slots_by_row", torch.argsort(slots, stable=True), persistent=False)
-        self.register_buffer("row_offsets", torch.cumsum(uses, 0) - uses, persistent=False)
+        self.register_buffer("slots_by_row", torch.argsort(slots, stable=True).int(), persistent=False)
+        self.register_buffer("row_offsets", (torch.cumsum(uses, 0) - uses).int(), persistent=False)
         self.register_buffer("mapping_fingerprint", torch.tensor(fingerprint_parts(self.fingerprint)))
         self.register_buffer("mapping_version", torch.tensor(MAPPING_VERSION))
         self.pool = nn.Parameter(torch.empty(pool_size, embedding_dim // num_subvectors))

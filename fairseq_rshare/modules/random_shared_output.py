@@ -25,18 +25,34 @@ MEASURED_STEPS = 3
 SCORE_COST = 7
 
 
+# Evaluation is timed on at most this many tokens of its first batch: there both paths cost in
+# proportion to the tokens (the materialised matrix is kept between calls), so a slice tells
+# which is faster without paying for a large batch eight times over.
+EVALUATION_TIMED_TOKENS = 256
+
+# `auto` times the two paths only where the cost model's estimates lie within this factor of
+# each other; beyond it the model's choice stands untimed (timing materialize at V=800k,
+# H=1024 would build a 3.3 GB matrix, its gradient and tokens x V log-probabilities).
+TIMED_WITHIN = 4
+
+
+def path_costs(num_words, embed_dim, num_subvectors, scores_per_token):
+    """Cost model: (pool-scores, materialize) per token, in dense multiply-adds.  Pool scores
+    cost (scores per token) * H/K multiply-adds plus V*K gathered scores, each about
+    SCORE_COST dense multiply-adds; the materialised matrix costs V*H multiply-adds (building
+    it is once a batch)."""
+    V, H, K = num_words, embed_dim, num_subvectors
+    return SCORE_COST * (scores_per_token * H / K + V * K), V * H
+
+
 def pool_scores_is_cheaper(num_words, embed_dim, num_subvectors, scores_per_token, device_type="cpu"):
     """Cost model: the pool-scores path beats multiplying by the materialised V x H matrix.
-
     Only on CPU, where the fused kernels run: elsewhere pool scores fall back to stock ops that
-    build tokens x V x K gathered scores, so the materialised matrix wins.  Per token, pool scores cost (scores per token) * H/K multiply-adds plus V*K gathered
-    scores, each about SCORE_COST dense multiply-adds; the materialised matrix costs V*H
-    multiply-adds (building it is once a batch).
-    """
+    build tokens x V x K gathered scores, so the materialised matrix wins."""
     if device_type != "cpu":
         return False
-    V, H, K = num_words, embed_dim, num_subvectors
-    return SCORE_COST * (scores_per_token * H / K + V * K) < V * H
+    pool_scores, materialize = path_costs(num_words, embed_dim, num_subvectors, scores_per_token)
+    return pool_scores < materialize
 
 
 class RandomSharedOutput(nn.Module):
@@ -54,9 +70,10 @@ class RandomSharedOutput(nn.Module):
     ``path="auto"`` on CPU times both on the first call of each regime (:meth:`measure_path_once`,
     every rank taking rank 0's choice): training (forward and backward of the loss) and
     evaluation (forward only, where the materialised matrix is kept between calls) are timed
-    and chosen apart.  Before that, and on other devices, it picks by
-    :func:`pool_scores_is_cheaper`, a pure function of the shape and the device.  Forward returns log-probabilities;
-    they are normalised logits, and fairseq's own log-softmax over them changes nothing.
+    and chosen apart.  Before that, on other devices, and where the cost model
+    (:func:`path_costs`) is clear by more than TIMED_WITHIN, it picks by the model.
+    Forward returns log-probabilities; they are normalised logits, and fairseq's own
+    log-softmax over them changes nothing.
     """
 
     def __init__(self, table: RandomSharedEmbedding, bias=False, path="auto"):
@@ -81,19 +98,23 @@ class RandomSharedOutput(nn.Module):
                 raise RShareConfigError("a table with word_scale runs on path materialize (or auto) only")
             path = "materialize"
         self.path_setting = path
-        self.measured_paths = {}  # regime ("training" or "evaluation") -> the faster path timed
+        self.chosen_paths = {}  # regime ("training" or "evaluation") -> the path chosen
         if self.path_on("cpu") == "pool-scores" and not torch.cuda.is_available():
             extension()  # compile or load the fused kernel now, not inside the first timed step
+
+    def shape_costs(self):
+        """path_costs of this layer's shape."""
+        table = self.table
+        K, M = table.num_subvectors, table.pool_size
+        scores_per_token = M if table.pool_kind == "position" else K * M
+        return path_costs(table.num_embeddings, table.embedding_dim, K, scores_per_token)
 
     def path_on(self, device_type):
         """The path this layer takes on a device type ("cpu", "cuda", ...)."""
         if self.path_setting != "auto":
             return self.path_setting
-        table = self.table
-        K, M = table.num_subvectors, table.pool_size
-        scores_per_token = M if table.pool_kind == "position" else K * M
-        cheaper = pool_scores_is_cheaper(table.num_embeddings, table.embedding_dim, K, scores_per_token, device_type)
-        return "pool-scores" if cheaper else "materialize"
+        pool_scores, materialize = self.shape_costs()
+        return "pool-scores" if device_type == "cpu" and pool_scores < materialize else "materialize"
 
     def regime(self):
         """"training" when a backward will follow (training mode with gradients on), else
@@ -102,20 +123,26 @@ class RandomSharedOutput(nn.Module):
 
     @property
     def path(self):
-        """The path taken where the parameters are now: the measured one once there is one."""
+        """The path taken where the parameters are now: the chosen one once there is one."""
         device_type = self.table.pool.device.type
-        measured = self.measured_paths.get(self.regime())
+        measured = self.chosen_paths.get(self.regime())
         if measured is not None and device_type == "cpu":
             return measured
         return self.path_on(device_type)
 
     def measure_path_once(self, num_tokens):
-        """With path "auto" on CPU, time both paths once per regime, on this many tokens, as
-        that regime runs them, and keep the faster from then on; in distributed runs every rank
-        takes rank 0's choice, so all run the same code."""
+        """With path "auto" on CPU, choose a path once per regime: time both on this many
+        tokens, as that regime runs them, and keep the faster (in distributed runs every rank
+        takes rank 0's choice, so all run the same code), or, where the cost model is clear,
+        take its choice untimed."""
         regime = self.regime()
-        if regime in self.measured_paths or self.path_setting != "auto" or self.table.pool.device.type != "cpu":
+        if regime in self.chosen_paths or self.path_setting != "auto" or self.table.pool.device.type != "cpu":
             return
+        if max(self.shape_costs()) > TIMED_WITHIN * min(self.shape_costs()):
+            self.chosen_paths[regime] = self.path_on("cpu")  # a clear case: not worth timing
+            return
+        if regime == "evaluation":
+            num_tokens = min(num_tokens, EVALUATION_TIMED_TOKENS)
         seconds = {path: self.time_path(path, max(1, num_tokens), regime) for path in ("pool-scores", "materialize")}
         self._weight = self._weight_version = None  # a matrix timed in evaluation is not kept
         choice = min(seconds, key=seconds.get)
@@ -123,7 +150,7 @@ class RandomSharedOutput(nn.Module):
             shared = [choice]
             torch.distributed.broadcast_object_list(shared, src=0)
             choice = shared[0]
-        self.measured_paths[regime] = choice
+        self.chosen_paths[regime] = choice
         logger.info(
             "rshare output layer (V=%d, H=%d, K=%d, M=%d), %d tokens, %s: "
             "pool-scores %.1f ms, materialize %.1f ms: taking %s",
