@@ -77,15 +77,21 @@ require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
 # model_flags VARIANT: the flags of its last suffixes -hN and -dropP (nothing without them).
 model_flags() {
   local rest=$1 flags=
-  if [[ $rest =~ -drop(0?\.[0-9]+)$ ]]; then flags="--dropout ${BASH_REMATCH[1]}"; rest=${rest%-drop*}; fi
-  if [[ $rest =~ -h([0-9]+)$ ]]; then
-    local n=${BASH_REMATCH[1]}
+  if [[ $rest =~ ^(.*)-drop(0?\.[0-9]+)$ ]]; then rest=${BASH_REMATCH[1]}; flags="--dropout ${BASH_REMATCH[2]}"; fi
+  if [[ $rest =~ ^(.*)-h([0-9]+)$ ]]; then
+    local n=${BASH_REMATCH[2]}
     flags="--decoder-embed-dim $n --decoder-hidden-size $n --decoder-out-embed-dim $n $flags"
   fi
   echo "$flags"
 }
-# table_variant VARIANT: the name without -hN and -dropP, for variant_flags.
-table_variant() { local rest=${1%-drop*}; echo "${rest%-h[0-9]*}"; }
+# table_variant VARIANT: the name without its last -hN and -dropP, for variant_flags (which
+# refuses anything else left over).
+table_variant() {
+  local rest=$1
+  [[ $rest =~ ^(.*)-drop0?\.[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
+  [[ $rest =~ ^(.*)-h[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
+  echo "$rest"
+}
 for variant in $VARIANTS; do variant_flags "$(table_variant "$variant")" 0 >/dev/null; done
 
 if [[ " $STEPS " == *" prepare "* ]]; then

@@ -125,9 +125,9 @@ class RandomSharedOutput(nn.Module):
     def path(self):
         """The path taken where the parameters are now: the chosen one once there is one."""
         device_type = self.table.pool.device.type
-        measured = self.chosen_paths.get(self.regime())
-        if measured is not None and device_type == "cpu":
-            return measured
+        chosen = self.chosen_paths.get(self.regime())
+        if chosen is not None and device_type == "cpu":
+            return chosen
         return self.path_on(device_type)
 
     def measure_path_once(self, num_tokens):
