@@ -102,19 +102,17 @@ class RandomSharedOutput(nn.Module):
         if self.path_on("cpu") == "pool-scores" and not torch.cuda.is_available():
             extension()  # compile or load the fused kernel now, not inside the first timed step
 
-    def shape_costs(self):
-        """path_costs of this layer's shape."""
+    def cost_shape(self):
+        """(V, H, K, pool scores per token): the cost model's arguments for this layer."""
         table = self.table
         K, M = table.num_subvectors, table.pool_size
-        scores_per_token = M if table.pool_kind == "position" else K * M
-        return path_costs(table.num_embeddings, table.embedding_dim, K, scores_per_token)
+        return table.num_embeddings, table.embedding_dim, K, M if table.pool_kind == "position" else K * M
 
     def path_on(self, device_type):
         """The path this layer takes on a device type ("cpu", "cuda", ...)."""
         if self.path_setting != "auto":
             return self.path_setting
-        pool_scores, materialize = self.shape_costs()
-        return "pool-scores" if device_type == "cpu" and pool_scores < materialize else "materialize"
+        return "pool-scores" if pool_scores_is_cheaper(*self.cost_shape(), device_type) else "materialize"
 
     def regime(self):
         """"training" when a backward will follow (training mode with gradients on), else
@@ -138,7 +136,8 @@ class RandomSharedOutput(nn.Module):
         regime = self.regime()
         if regime in self.chosen_paths or self.path_setting != "auto" or self.table.pool.device.type != "cpu":
             return
-        if max(self.shape_costs()) > TIMED_WITHIN * min(self.shape_costs()):
+        costs = path_costs(*self.cost_shape())
+        if max(costs) > TIMED_WITHIN * min(costs):
             self.chosen_paths[regime] = self.path_on("cpu")  # a clear case: not worth timing
             return
         if regime == "evaluation":
