@@ -1,8 +1,13 @@
+import argparse
 import os
 import subprocess
 
 import pytest
+import torch
 
+import fairseq_rshare  # noqa: F401
+from fairseq.data import Dictionary
+from fairseq_rshare.models.rshare_lstm_lm import RShareLSTMLanguageModel, rshare_lstm_lm_architecture
 from fairseq_rshare.tools import fairseq_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,3 +78,17 @@ def nmt_data(tmp_path_factory):
             "--destdir", root / "bin", "--joined-dictionary", "--thresholdsrc", "2",
             "--thresholdtgt", "2", "--workers", "1")
     return root / "bin"
+
+
+def tiny_lm(**overrides):
+    """A 2 x 16 rshare LSTM language model over 64 words, in eval mode; overrides are its args."""
+    dictionary = Dictionary()
+    for i in range(60):
+        dictionary.add_symbol(f"w{i}", n=100 - i)
+    args = argparse.Namespace(decoder_embed_dim=16, decoder_hidden_size=16, decoder_out_embed_dim=16,
+                              decoder_layers=2, dropout=0.0, rshare_subvectors=4, rshare_ratio=0.5,
+                              **overrides)
+    rshare_lstm_lm_architecture(args)
+    task = argparse.Namespace(target_dictionary=dictionary, source_dictionary=dictionary)
+    torch.manual_seed(0)
+    return RShareLSTMLanguageModel.build_model(args, task).eval()

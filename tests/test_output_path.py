@@ -1,5 +1,5 @@
-"""--rshare-output-path auto on CPU: measured on the first call of training and of evaluation,
-the same on every rank."""
+"""--rshare-output-path: auto on CPU measured on the first call of training and of evaluation,
+the same on every rank; what each path hands fairseq to normalise."""
 import os
 import socket
 
@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput
 from fairseq_rshare.modules import path_costs
 from fairseq_rshare.modules.random_shared_output import TIMED_WITHIN
+
+from conftest import tiny_lm
 
 # A shape where the cost model picks pool-scores, by too little to go untimed.
 SHAPE = dict(num_embeddings=2000, embedding_dim=64, padding_idx=1, num_subvectors=8, pool_size=160)
@@ -102,3 +104,21 @@ def test_every_rank_takes_rank_zeros_choice(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(rank_choice, args=(port, str(tmp_path)), nprocs=2)
     assert [(tmp_path / str(rank)).read_text() for rank in (0, 1)] == ["materialize", "materialize"]
+
+
+@pytest.mark.parametrize("path", ["pool-scores", "materialize"])
+def test_evaluation_log_probs_equal_training_log_probs(path):
+    """Training skips fairseq's log-softmax over log-probabilities; evaluation normalises once,
+    and the materialize path then hands over raw logits, not log-probabilities to normalise again."""
+    model = tiny_lm(rshare_tables="all", rshare_output_bias=True, rshare_output_path=path)
+    torch.nn.init.normal_(model.decoder.output_projection.bias)
+    tokens = torch.randint(4, 64, (2, 9))
+    with torch.no_grad():
+        log_probs = {}
+        for training in (True, False):
+            model.train(training)
+            output = model(tokens)
+            log_probs[training] = model.get_normalized_probs(output, log_probs=True)
+            normalised = output[0].logsumexp(-1).abs().max() < 1e-5
+            assert normalised == (training or path == "pool-scores")
+    assert torch.allclose(log_probs[True], log_probs[False], atol=1e-5)

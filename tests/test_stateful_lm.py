@@ -1,5 +1,4 @@
 """The stateful_lm task: streams that continue each other, carried LSTM state, eval-lm counts."""
-import argparse
 import os
 import re
 
@@ -7,11 +6,9 @@ import pytest
 import torch
 
 import fairseq_rshare  # noqa: F401
-from fairseq.data import Dictionary
-from fairseq_rshare.models.rshare_lstm_lm import RShareLSTMLanguageModel, rshare_lstm_lm_architecture
 from fairseq_rshare.tasks.stateful_lm import StreamWindows
 
-from conftest import USER_DIR, fairseq
+from conftest import USER_DIR, fairseq, tiny_lm
 from fairseq_rshare.tools import eval_lm_perplexity
 
 
@@ -38,19 +35,6 @@ def test_batches_continue_each_other_row_by_row(length, streams, window, ranks):
     assert torch.equal(stream_sources[scored], torch.cat([torch.tensor([2]), tokens[:-1]]))
     assert sum(d.collate([d[i]])["ntokens"] for d in windows_of(tokens, streams, window, ranks)
                for i in range(len(d))) == length
-
-
-def tiny_lm(**overrides):
-    dictionary = Dictionary()
-    for i in range(60):
-        dictionary.add_symbol(f"w{i}", n=100 - i)
-    args = argparse.Namespace(decoder_embed_dim=16, decoder_hidden_size=16, decoder_out_embed_dim=16,
-                              decoder_layers=2, dropout=0.0, rshare_subvectors=4, rshare_ratio=0.5,
-                              **overrides)
-    rshare_lstm_lm_architecture(args)
-    task = argparse.Namespace(target_dictionary=dictionary, source_dictionary=dictionary)
-    torch.manual_seed(0)
-    return RShareLSTMLanguageModel.build_model(args, task).eval()
 
 
 @pytest.mark.parametrize("tables", ["all", "none"])

@@ -7,9 +7,10 @@ from ..modules import RandomSharedOutput
 class SkipRenormalizationMixin:
     """For fairseq decoders whose output layer may be a RandomSharedOutput.
 
-    Its outputs are already log-probabilities, so in training fairseq's own log-softmax over
+    In training its outputs are already log-probabilities, so fairseq's own log-softmax over
     them (a full extra pass over V, forward and backward) is skipped.  In evaluation fairseq
-    renormalises as usual, since the sequence generator may rescale the outputs first.
+    normalises as usual, since the sequence generator may rescale the outputs first (the
+    materialize path returns raw logits there, so they are normalised once).
     """
 
     def get_normalized_probs(self, net_output, log_probs, sample=None):

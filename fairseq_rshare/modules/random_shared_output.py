@@ -72,8 +72,10 @@ class RandomSharedOutput(nn.Module):
     evaluation (forward only, where the materialised matrix is kept between calls) are timed
     and chosen apart.  Before that, on other devices, and where the cost model
     (:func:`path_costs`) is clear by more than TIMED_WITHIN, it picks by the model.
-    Forward returns log-probabilities; they are normalised logits, and fairseq's own
-    log-softmax over them changes nothing.
+    Forward returns logits for fairseq's ``get_normalized_probs`` to normalise: in training
+    they are log-probabilities already (the rshare decoders then skip fairseq's log-softmax,
+    a pass over V forward and backward); in eval mode the materialize path returns the raw
+    logits, as a dense layer does, so generation and eval-lm normalise once, not twice.
     """
 
     def __init__(self, table: RandomSharedEmbedding, bias=False, path="auto"):
@@ -159,7 +161,8 @@ class RandomSharedOutput(nn.Module):
 
     def time_path(self, path, num_tokens, regime):
         """Seconds per call through `path` on random features: in training the forward and
-        backward of the loss, in evaluation the log-probabilities alone."""
+        backward of the loss, in evaluation what forward returns (fairseq's log-softmax after it
+        costs both paths the same)."""
         generator = torch.Generator().manual_seed(0)
         features = torch.randn(num_tokens, self.table.embedding_dim, generator=generator, dtype=self.table.pool.dtype)
         target = torch.randint(self.table.num_embeddings, (num_tokens,), generator=generator)
@@ -174,7 +177,7 @@ class RandomSharedOutput(nn.Module):
 
         def evaluation_step():
             with torch.no_grad():
-                self.log_probs_through(path, features)
+                self.logits_through(path, features)
 
         step = training_step if regime == "training" else evaluation_step
         step()
@@ -185,11 +188,15 @@ class RandomSharedOutput(nn.Module):
 
     def forward(self, features):
         self.measure_path_once(features.numel() // features.shape[-1])
-        return self.log_probs_through(self.path, features)
+        return self.logits_through(self.path, features)
 
-    def log_probs_through(self, path, features):
+    def logits_through(self, path, features):
+        """What forward returns on `path`: log-probabilities, except the materialize path's raw
+        logits in eval mode (see the class docstring)."""
         if path == "materialize":
-            return self.materialized_forward(features)
+            if self.training:
+                return self.materialized_forward(features)
+            return F.linear(features, self.materialized_weight(), self.bias)
         lprobs = log_softmax_of_words(self.pool_scores(features), self.mapping_columns, self.bias)
         return lprobs.reshape(*features.shape[:-1], -1)
 
