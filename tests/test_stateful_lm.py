@@ -1,4 +1,5 @@
 """The stateful_lm task: streams that continue each other, carried LSTM state, eval-lm counts."""
+import json
 import os
 import re
 
@@ -6,10 +7,14 @@ import pytest
 import torch
 
 import fairseq_rshare  # noqa: F401
+from fairseq import options, tasks
+from fairseq.data import Dictionary
 from fairseq_rshare.tasks.stateful_lm import StreamWindows
 
-from conftest import USER_DIR, fairseq, tiny_lm
+from conftest import REPO, USER_DIR, fairseq, shared_corpus, tiny_lm
 from fairseq_rshare.tools import eval_lm_perplexity
+
+RESULTS = os.path.join(REPO, "recipes", "results")
 
 
 def windows_of(tokens, streams, window, ranks=1):
@@ -103,3 +108,24 @@ def test_needs_an_lstm_and_a_batch_size(lm_data, tmp_path):
     assert result.returncode and "use --arch rshare_lstm_lm" in result.stderr
     result = fairseq("fairseq-train", *common, "--arch", "rshare_lstm_lm", "--max-tokens", "100", check=False)
     assert result.returncode and "needs --batch-size" in result.stderr
+
+
+def test_ptb_slim_arch_is_the_measured_same_budget_model(tmp_path):
+    """rshare_lstm_lm_ptb_slim, parsed as fairseq-train parses it, builds the model of the
+    recorded PTB run that took its flags one by one: the same parameters, table by table."""
+    recorded = json.load(open(os.path.join(RESULTS, "ptb-stateful-cpu", "rshare-0.45-bias-h320-drop0.3.json")))
+    dictionary = Dictionary()  # as fairseq-preprocess builds it from PTB's training text
+    with open(os.path.join(shared_corpus("ptb"), "train.txt")) as train:
+        for line in train:
+            dictionary.encode_line(line, add_if_not_exist=True)
+    dictionary.finalize(padding_factor=8)
+    dictionary.save(str(tmp_path / "dict.txt"))
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(tmp_path), "--user-dir", USER_DIR, "--task", "stateful_lm",
+                                                "--arch", "rshare_lstm_lm_ptb_slim", "--batch-size", "20"])
+    model = tasks.setup_task(args).build_model(args)
+    decoder = model.decoder
+    assert sum(p.numel() for p in decoder.embed_tokens.parameters()) == recorded["params"]["input"]
+    assert sum(p.numel() for p in decoder.output_projection.parameters()) == recorded["params"]["output"]
+    assert sum(p.numel() for p in model.parameters()) == sum(recorded["params"].values())
+    assert decoder.dropout_out_module.p == 0.3 and decoder.output_projection.bias is not None
