@@ -28,6 +28,7 @@
 #               -bias            a per-word bias in the random-shared output layer
 #               -scale           a trained scale per word and sub-vector (--rshare-word-scale)
 #               -inR, -outR      the input tables', or the output table's, own ratio R
+#               -kN              N sub-vectors a word (--rshare-subvectors N)
 #             and last, for the same-budget comparison (e.g. dense-h100, dense-drop0.3,
 #             rshare-0.45-bias-h320-drop0.3), either or both in this order:
 #               -hN              embedding, LSTM and output size N instead of the preset's
@@ -120,7 +121,8 @@ for variant in $VARIANTS; do
     # One stream, the state carried over the whole test set (as Zaremba et al. evaluate).
     fairseq-eval-lm "$WORK/data-bin" $COMMON --path "$run/checkpoint_best.pt" --gen-subset test \
       --batch-size 1 --tokens-per-sample 35 >"$run/eval.log" 2>&1 || die "evaluating $variant failed: see $run/eval.log"
-    record_variant "$variant" "$run" "$run/checkpoint_best.pt" --eval-log "$run/eval.log"
+    record_variant "$variant" "$run" "$run/checkpoint_best.pt" --eval-log "$run/eval.log" \
+      --vocabulary "words, dictionary of $(dictionary_size "$WORK/data-bin/dict.txt")"
   fi
 done
 step "done: results in $WORK/results; tabulate with python3 $HERE/results_table.py $WORK/results"

@@ -95,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--eval-log", help="fairseq-eval-lm log (language models)")
     parser.add_argument("--generate-log", help="fairseq-generate log (translation)")
     parser.add_argument("--sacrebleu-json", help="sacrebleu's JSON output (translation)")
+    parser.add_argument("--vocabulary", required=True, help="what the vocabulary is, in words (recorded as given)")
     args = parser.parse_args(argv)
     for path in (args.checkpoint, args.train_log, args.command_file, args.eval_log,
                  args.generate_log, args.sacrebleu_json):
@@ -114,6 +115,7 @@ def main(argv=None):
         "corpus": args.corpus,
         "preset": args.preset,
         "variant": args.variant,
+        "vocabulary": args.vocabulary,
         **metric,
         "params": params,
         "embedding_softmax_params": params["input"] + params["output"],

@@ -2,8 +2,8 @@
 
 Each (corpus, preset) group is compared with its dense run: the table gives every run's
 embedding+softmax parameters as a fraction of dense and its metric's change from dense; the
-plot shows perplexity or BLEU against embedding+softmax parameters (or, with ``--params total``,
-against all parameters: the same-budget comparison), one panel per group.
+plot shows perplexity or BLEU against embedding+softmax parameters (top row) and against all
+parameters (bottom row: the same-budget comparison), one column per group.
 """
 import argparse
 import glob
@@ -75,24 +75,32 @@ def total_params(run):
     return sum(run["params"].values())
 
 
-def plot(results, path, params="tables"):
+def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     grouped = groups(results)
-    figure, axes = plt.subplots(1, len(grouped), figsize=(4.5 * len(grouped), 3.8), squeeze=False)
-    for axis, ((corpus, preset), runs) in zip(axes[0], grouped.items()):
+    figure, axes = plt.subplots(2, len(grouped), figsize=(4.5 * len(grouped), 7.6), squeeze=False)
+    for column, ((corpus, preset), runs) in enumerate(grouped.items()):
         metric = metric_of(runs[0])
-        for run in runs:
-            dense = run["variant"].startswith("dense")
-            x = total_params(run) if params == "total" else run["embedding_softmax_params"]
-            axis.scatter(x, run[metric], marker="s" if dense else "o", color="black" if dense else "tab:blue")
-            axis.annotate(run["variant"], (x, run[metric]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        axis.set_xscale("log")
-        axis.set_xlabel("all parameters" if params == "total" else "embedding + softmax parameters")
-        axis.set_ylabel(METRICS[metric])
-        axis.set_title(f"{corpus} ({preset} preset)")
-        axis.grid(alpha=0.3)
+        for axis, params_of, label in ((axes[0][column], lambda r: r["embedding_softmax_params"],
+                                        "embedding + softmax parameters"),
+                                       (axes[1][column], total_params, "all parameters (same budget)")):
+            for run in runs:
+                dense = run["variant"].startswith("dense")
+                x = params_of(run)
+                axis.scatter(x, run[metric], marker="s" if dense else "o", color="black" if dense else "tab:blue")
+                axis.annotate(run["variant"], (x, run[metric]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axis.set_xscale("log")
+            axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k"))
+            axis.xaxis.set_minor_formatter(NullFormatter())
+            axis.tick_params(axis="x", labelsize=7, labelrotation=30)
+            axis.set_xlabel(label)
+            axis.set_ylabel(METRICS[metric])
+            axis.set_title(f"{corpus} ({preset} preset)")
+            axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -102,14 +110,12 @@ def main(argv=None):
     parser.add_argument("results", nargs="+", help="results JSON files or folders holding them")
     parser.add_argument("--markdown", default="results.md", help="markdown table to write")
     parser.add_argument("--plot", default="results.png", help="PNG plot to write")
-    parser.add_argument("--params", choices=["tables", "total"], default="tables",
-                        help="the plot's x axis: embedding+softmax parameters, or all (same budget)")
     args = parser.parse_args(argv)
     results = load(args.results)
     table = markdown(results)
     with open(args.markdown, "w") as f:
         f.write(table)
-    plot(results, args.plot, args.params)
+    plot(results, args.plot)
     print(table)
     print(f"wrote {args.markdown} and {args.plot}")
 

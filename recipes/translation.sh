@@ -26,10 +26,11 @@
 #               rshare-R       the one shared table random-shared at ratio R of dense
 #               rshare-R-freq  frequency aware: the R*V/2 most frequent subwords keep private
 #                              sub-vectors, the rest share the other half
-#             and the other suffixes of recipes/common.sh (-bias, -scale, -inR, -outR); a last
+#             and the other suffixes of recipes/common.sh (-bias, -scale, -inR, -outR, -kN); a last
 #               -untied        three tables (encoder input, decoder input, output) instead of
 #                              one shared by all (--share-all-embeddings); -input then works
 #   VOCAB     joint sentencepiece vocabulary size              [8000; gpu 10000; smoke 2000]
+#             (results of another size, or of SUBWORDS=word, are named after it: dense-bpe2000)
 #   SUBWORDS  bpe (joint subwords) or word (a word-level vocabulary of at most VOCAB
 #             whitespace-separated words, the rest <unk>)                   [bpe]
 #   BEAM      beam size                                                     [5]
@@ -67,21 +68,26 @@ case $PRESET in
            --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.1"
     SCHEDULE="--lr 0.002 --warmup-updates 200 --max-tokens 4096 --max-epoch 12 --patience 3"
     AVERAGE=3
-    VOCAB=${VOCAB:-8000} ;;
+    DEFAULT_VOCAB=8000 ;;
   gpu)
     MODEL="--arch rshare_transformer_iwslt_de_en --dropout 0.3"
     SCHEDULE="--lr 0.0005 --warmup-updates 4000 --max-tokens 4096 --max-epoch 50"
     AVERAGE=5
-    VOCAB=${VOCAB:-10000} ;;
+    DEFAULT_VOCAB=10000 ;;
   smoke)
     MODEL="--arch rshare_transformer --encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 128
            --decoder-embed-dim 128 --encoder-ffn-embed-dim 256 --decoder-ffn-embed-dim 256
            --encoder-attention-heads 2 --decoder-attention-heads 2 --dropout 0.0"
     SCHEDULE="--lr 0.005 --warmup-updates 50 --max-tokens 4096 --max-epoch 2"
     AVERAGE=2
-    VOCAB=${VOCAB:-2000} ;;
+    DEFAULT_VOCAB=2000 ;;
   *) die "PRESET=$PRESET: use cpu, gpu or smoke" ;;
 esac
+VOCAB=${VOCAB:-$DEFAULT_VOCAB}
+[[ $VOCAB =~ ^[1-9][0-9]*$ ]] || die "VOCAB=$VOCAB: give the vocabulary size as a whole number, e.g. 8000"
+# Results of another vocabulary than the preset's are named after it (dense-bpe2000.json).
+VOCAB_SUFFIX=
+[ "$SUBWORDS $VOCAB" = "bpe $DEFAULT_VOCAB" ] || VOCAB_SUFFIX="-$SUBWORDS$VOCAB"
 CHECKPOINTS="--keep-last-epochs $AVERAGE"  # the epochs the evaluation averages
 TRAINING="--criterion label_smoothed_cross_entropy --label-smoothing 0.1
           --optimizer adam --adam-betas (0.9,0.98) --lr-scheduler inverse_sqrt --weight-decay 0.0001
@@ -156,7 +162,7 @@ mkdir -p "$WORK/results"
 for variant in $VARIANTS; do
   run="$WORK/$variant"
   if [[ " $STEPS " == *" train "* ]]; then
-    train_variant "$variant" "$run" "$WORK/data-bin" --task translation --source-lang "$SRC" \
+    train_variant "$variant$VOCAB_SUFFIX" "$run" "$WORK/data-bin" --task translation --source-lang "$SRC" \
       --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE $(tying_flags "$variant") \
       $(tying "$variant"; variant_flags "${variant%-untied}" "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")")
   fi
@@ -174,8 +180,9 @@ for variant in $VARIANTS; do
       || die "$run/test.hyp has $(wc -l <"$run/test.hyp") lines, the reference $(wc -l <"$WORK/text/test.$TGT"): see $run/generate.log"
     sacrebleu "$WORK/text/test.$TGT" -i "$run/test.hyp" -m bleu -w 2 >"$run/sacrebleu.json"
     cat "$run/sacrebleu.json"
-    record_variant "$variant" "$run" "$run/checkpoint_average.pt" --generate-log "$run/generate.log" \
-      --sacrebleu-json "$run/sacrebleu.json"
+    record_variant "$variant$VOCAB_SUFFIX" "$run" "$run/checkpoint_average.pt" --generate-log "$run/generate.log" \
+      --sacrebleu-json "$run/sacrebleu.json" \
+      --vocabulary "joint sentencepiece $SUBWORDS $VOCAB, dictionary of $(dictionary_size "$WORK/data-bin/dict.$SRC.txt")"
   fi
 done
 step "done: results in $WORK/results; tabulate with python3 $HERE/results_table.py $WORK/results"

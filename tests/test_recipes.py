@@ -107,6 +107,7 @@ def small_lm_corpus(folder, splits=("train", "valid", "test")):
         ({"PRESET": "tpu"}, "PRESET=tpu: use cpu, gpu or smoke"),
         ({"VARIANTS": "rshare-2"}, "variant 'rshare-2'"),
         ({"VARIANTS": "rshare-0.1-output"}, "unknown suffix 'output'"),
+        ({"VARIANTS": "rshare-0.1-k4x"}, "-k4x: give the sub-vectors a word as -kN"),
     ],
 )
 def test_lm_recipe_bad_input_stops_with_one_message(tmp_path, variables, message):
@@ -132,6 +133,8 @@ def test_translation_recipe_names_a_wrong_language_pair_and_missing_data(tmp_pat
     assert "has no train.fr: check DATA and the language pair SRC=fr TGT=en" in result.stderr
     result = recipe("translation.sh", tmp_path, check=False, DATA=tmp_path / "none", PRESET="smoke")
     assert result.returncode == 1 and "is not a folder" in result.stderr
+    result = recipe("translation.sh", tmp_path, check=False, DATA=multi30k, VOCAB="8k")
+    assert result.returncode == 1 and "VOCAB=8k: give the vocabulary size as a whole number" in result.stderr
     result = recipe("translation.sh", tmp_path, check=False, DATA=multi30k, VARIANTS="rshare-0.1-input")
     assert result.returncode == 1 and "-input needs untied tables" in result.stderr
     # untied, the same name passes (and the recipe goes on to find no prepared data)
@@ -163,11 +166,13 @@ def test_lm_recipe_resumes_a_stopped_run(tmp_path):
         assert json.load(f)["updates"] == 20
 
 
-def check_results(results_dir, variants, metric, better_than, checkpoint="checkpoint_best.pt"):
+def check_results(results_dir, variants, metric, better_than, checkpoint="checkpoint_best.pt", suffix=""):
+    """The results JSON of each variant (named variant + suffix) in results_dir, checked."""
     results = {}
     for variant in variants:
-        with open(os.path.join(results_dir, f"{variant}.json")) as f:
+        with open(os.path.join(results_dir, f"{variant}{suffix}.json")) as f:
             results[variant] = json.load(f)
+        assert results[variant]["variant"] == variant + suffix
         value = results[variant][metric]
         assert math.isfinite(value) and better_than(value), (variant, value)
         assert results[variant]["checkpoint_bytes"] == os.path.getsize(
@@ -189,7 +194,7 @@ def tabulate(results_dir, tmp_path):
 @pytest.mark.parametrize("corpus,vocabulary", [("ptb", 10_000), ("wikitext2", 33_278)])
 def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
     data = shared_corpus(corpus)
-    variants = ["dense", "rshare-0.1-freq-h64-drop0.2"] if corpus == "ptb" else ["dense", "rshare-0.1"]
+    variants = ["dense", "rshare-0.1-freq-k4-h64-drop0.2"] if corpus == "ptb" else ["dense", "rshare-0.1"]
     recipe("lm.sh", tmp_path, CORPUS=corpus, DATA=data, PRESET="smoke", WORK=tmp_path / "work",
            VARIANTS=" ".join(variants))
     # Far better than chance: a tenth of the uniform perplexity over the vocabulary.
@@ -198,7 +203,7 @@ def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
     width = 2 if corpus == "ptb" else 1  # -h64 doubles the smoke model's 32
     assert rshare["embedding_softmax_params"] < 0.15 * width * results["dense"]["embedding_softmax_params"]
     if corpus == "ptb":  # the smoke model is 2x32; -h64 doubles it
-        for flag in ("--rshare-frequent-words 500", "--decoder-hidden-size 64", "--dropout 0.2"):
+        for flag in ("--rshare-frequent-words 500", "--rshare-subvectors 4", "--decoder-hidden-size 64", "--dropout 0.2"):
             assert flag in rshare["command"]
         assert rshare["params"]["body"] > 3 * results["dense"]["params"]["body"]
     assert "--criterion rshare_cross_entropy" in rshare["command"]
@@ -209,9 +214,12 @@ def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
 @pytest.mark.slow
 def test_translation_recipe_end_to_end_shortened(tmp_path):
     data = shared_corpus("multi30k")
-    recipe("translation.sh", tmp_path, DATA=data, PRESET="smoke", WORK=tmp_path / "work")
+    recipe("translation.sh", tmp_path, DATA=data, PRESET="smoke", WORK=tmp_path / "work", VOCAB="1500")
+    # a vocabulary other than the preset's names the results after it
     results = check_results(tmp_path / "work/results", ["dense", "rshare-0.1"], "test_bleu", lambda bleu: bleu > 1,
-                            checkpoint="checkpoint_average.pt")
+                            checkpoint="checkpoint_average.pt", suffix="-bpe1500")
+    symbols = len(lines_of(tmp_path / "work/data-bin/dict.de.txt")) + 4  # and fairseq's special symbols
+    assert results["dense"]["vocabulary"] == f"joint sentencepiece bpe 1500, dictionary of {symbols}"
     run = tmp_path / "work/rshare-0.1"
     epochs = [torch.load(run / f"checkpoint{epoch}.pt", weights_only=False)["model"] for epoch in (1, 2)]
     average = torch.load(run / "checkpoint_average.pt", weights_only=False)["model"]
