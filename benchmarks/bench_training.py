@@ -4,8 +4,9 @@ evaluation speed of the saved checkpoint (fairseq-eval-lm, or beam-5 fairseq-gen
     python benchmarks/bench_training.py             # every case, ~45 min on 2 cores
     python benchmarks/bench_training.py --smoke     # tiny sizes, a minute (what CI runs)
 
-Every run is a real `fairseq-train` process (words/s from fairseq's own log, peak RSS of
-that process, the size of the checkpoint it saves), repeated with the variants interleaved;
+Every run is a real `fairseq-train` process (words/s from fairseq's own log, over the whole
+run and steady: after its first 10 updates, which hold the start-up and auto's one-off timing;
+peak RSS of that process, the size of the checkpoint it saves), repeated with the variants interleaved;
 figures are medians and ratios are rshare over dense from the same run.  Cases:
 - LSTM LMs on PTB- and WikiText-2-shaped data (V=10k and 33k, 2x200, synthetic Zipfian ids):
   dense, rshare at 1 % (rshare runs train with --criterion rshare_cross_entropy, dense ones with
@@ -118,6 +119,9 @@ def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None):
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     if status == 0 and updates and os.path.exists(checkpoint):
         result.update(words_per_second=words_per_second, checkpoint_bytes=os.path.getsize(checkpoint))
+        steady = steady_training_speed(text)
+        if steady:
+            result["steady_words_per_second"] = steady
         if evaluate:
             result.update(evaluation_speed(evaluate, data_bin, save_dir, flags))
     elif "can't allocate memory" in text or "MemoryError" in text:
@@ -131,12 +135,30 @@ def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None):
     return result
 
 
+# fairseq logs words/s every LOG_INTERVAL updates; the steady speed leaves out the first interval,
+# which holds the start-up and auto's one-off timing of the two output paths.
+LOG_INTERVAL = 10
+
+
+def steady_training_speed(train_log):
+    """Words/s of a fairseq-train log's intervals after its first LOG_INTERVAL updates, from
+    its train_inner lines (each interval's words / its wps), or None for a shorter run."""
+    words = seconds = 0.0
+    previous = None
+    for wps, wpb, total in re.findall(r"train_inner \| .*?wps=([\d.]+), .*?wpb=([\d.]+), .*?num_updates=(\d+)", train_log):
+        if previous is not None and previous >= LOG_INTERVAL and float(wps):
+            interval_words = float(wpb) * (int(total) - previous)
+            words, seconds = words + interval_words, seconds + interval_words / float(wps)
+        previous = int(total)
+    return words / seconds if seconds else None
+
+
 def lm_flags(hidden, layers, updates, max_tokens, variant_flags):
     return ["--task", "language_modeling", "--arch", "rshare_lstm_lm", "--decoder-layers", str(layers),
             "--decoder-embed-dim", str(hidden), "--decoder-hidden-size", str(hidden),
             "--decoder-out-embed-dim", str(hidden), "--optimizer", "adam", "--lr", "0.003",
             "--clip-norm", "0.5", "--tokens-per-sample", "35", "--sample-break-mode", "none",
-            "--max-tokens", str(max_tokens), "--max-update", str(updates), "--log-interval", "1000",
+            "--max-tokens", str(max_tokens), "--max-update", str(updates), "--log-interval", str(LOG_INTERVAL),
             *variant_flags]
 
 
@@ -147,7 +169,7 @@ def nmt_flags(updates, variant_flags):
             "--decoder-ffn-embed-dim", "1024", "--encoder-attention-heads", "4",
             "--decoder-attention-heads", "4", "--share-all-embeddings", "--optimizer", "adam",
             "--lr", "0.0005", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--max-tokens", "4096", "--max-update", str(updates), "--log-interval", "1000",
+            "--max-tokens", "4096", "--max-update", str(updates), "--log-interval", str(LOG_INTERVAL),
             *variant_flags]
 
 
@@ -158,7 +180,7 @@ RSHARE = ["--criterion", "rshare_cross_entropy"]  # the loss from the pool score
 def cases(smoke, work, wanted=lambda name: True):
     """(name, data_bin, variants {name: flags}, memory cap GB or None, evaluation kind or None)
     for every wanted case."""
-    updates = 3 if smoke else 40
+    updates = 2 * LOG_INTERVAL + 5 if smoke else 40  # smoke: enough for a steady interval
     shapes = [("PTB shape (V=10k, 2x200)", 10_000), ("WikiText-2 shape (V=33k, 2x200)", 33_278)]
     if smoke:
         shapes = [("smoke shape (V=2k, 2x32)", 2_000)]
@@ -197,28 +219,32 @@ def markdown(rows, meta):
         f"{meta['repeats']} interleaved runs (memory case: one run each); each case's date beside it.",
         "",
         "Evaluation: fairseq-eval-lm tokens/s (LMs), beam-5 fairseq-generate sentences/s (NMT), "
-        "of the checkpoint each run saved.",
+        "of the checkpoint each run saved. Steady: words/s after the first "
+        f"{LOG_INTERVAL} updates (start-up and auto's one-off timing left out).",
         "",
-        "| case | run | words/s | speed vs dense | peak RSS MB | checkpoint MB | checkpoint vs dense "
-        "| evaluation | evaluation vs dense |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | run | words/s | speed vs dense | steady words/s | steady vs dense | peak RSS MB "
+        "| checkpoint MB | checkpoint vs dense | evaluation | evaluation vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         dense = row["runs"]["dense"]
         case = f"{row['case']}, {row['date']}"
         for variant, run in row["runs"].items():
             if not run["ok"]:
-                lines.append(f"| {case} | {variant} | failed: {run['error']} | | {run['peak_rss_mb']:,} | | | | |")
+                lines.append(f"| {case} | {variant} | failed: {run['error']} | | | | {run['peak_rss_mb']:,} | | | | |")
                 continue
-            speed = size = evaluation_ratio = "–"
+            speed = size = evaluation_ratio = steady_ratio = "–"
+            steady = f"{run['steady_words_per_second']:,.0f}" if "steady_words_per_second" in run else "–"
             evaluation = next((f"{run[key]:,.1f} {unit}" for key, unit in EVALUATION_SPEEDS.items() if key in run), "–")
             if dense["ok"] and variant != "dense":
                 speed = f"{run['words_per_second'] / dense['words_per_second']:.2f}×"
+                if "steady_words_per_second" in run and "steady_words_per_second" in dense:
+                    steady_ratio = f"{run['steady_words_per_second'] / dense['steady_words_per_second']:.2f}×"
                 size = f"{dense['checkpoint_bytes'] / run['checkpoint_bytes']:.1f}× smaller"
                 evaluation_ratio = next((f"{run[key] / dense[key]:.2f}×" for key in EVALUATION_SPEEDS
                                          if key in run and key in dense), "–")
             lines.append(
-                f"| {case} | {variant} | {run['words_per_second']:,.0f} | {speed} "
+                f"| {case} | {variant} | {run['words_per_second']:,.0f} | {speed} | {steady} | {steady_ratio} "
                 f"| {run['peak_rss_mb']:,} | {run['checkpoint_bytes'] / 1e6:.1f} | {size} "
                 f"| {evaluation} | {evaluation_ratio} |")
     return "\n".join(lines) + "\n"
@@ -233,7 +259,8 @@ def median_run(runs):
         return runs[-1]
     middle = sorted(ok, key=lambda r: r["words_per_second"])[len(ok) // 2]
     speeds = {key: statistics.median(r[key] for r in ok if key in r)
-              for key in ("words_per_second", *EVALUATION_SPEEDS, "generate_tokens_per_second")
+              for key in ("words_per_second", "steady_words_per_second", *EVALUATION_SPEEDS,
+                          "generate_tokens_per_second")
               if any(key in r for r in ok)}
     return {**middle, **speeds, "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
 

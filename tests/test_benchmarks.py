@@ -21,6 +21,7 @@ def test_every_benchmark_runs_from_one_command_in_smoke_mode(tmp_path):
     for (case, variant), run in runs.items():
         assert run["ok"], (case, variant, run)
         assert run["words_per_second"] > 0 and run["peak_rss_mb"] > 0
+        assert ("steady_words_per_second" in run) == ("1BW" not in case), (case, variant, run)  # 3 updates there
     for case in {case for case, _ in runs}:
         assert runs[(case, "rshare 1 %")]["checkpoint_bytes"] < runs[(case, "dense")]["checkpoint_bytes"]
     assert {path for _, variant in runs for path in ("pool-scores", "materialize", "auto") if variant.endswith(path)} == {
