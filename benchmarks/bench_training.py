@@ -6,8 +6,8 @@ evaluation speed of the saved checkpoint (fairseq-eval-lm, or beam-5 fairseq-gen
 
 Every run is a real `fairseq-train` process (words/s from fairseq's own log, over the whole
 run and steady: after its first 10 updates, which hold the start-up and auto's one-off timing;
-peak RSS of that process, the size of the checkpoint it saves), repeated with the variants interleaved;
-figures are medians and ratios are rshare over dense from the same run.  Cases:
+peak RSS of that process, the size of the checkpoint it saves), repeated with the variants
+interleaved; figures are medians and ratios are rshare over dense from the same run.  Cases:
 - LSTM LMs on PTB- and WikiText-2-shaped data (V=10k and 33k, 2x200, synthetic Zipfian ids):
   dense, rshare at 1 % (rshare runs train with --criterion rshare_cross_entropy, dense ones with
   fairseq's own; the output path `auto`, measured at the first step), at V=10k the LM recipe's
