@@ -17,7 +17,7 @@
 #   SRC, TGT  source and target language                                    [de, en]
 #   PRESET    cpu   : a small transformer (2+2 layers of 256) to convergence: at most 12 epochs,
 #                     stopped after 3 without a better validation loss, the last 3 epochs
-#                     averaged (about 1.5 hours a run on 2 cores)
+#                     averaged (1.7-2.2 hours a run, measured with three runs sharing 2 cores)
 #             gpu   : transformer_iwslt_de_en (fairseq's IWSLT14 setup), 50 epochs, last 5 averaged
 #             smoke : a tiny transformer, 2 epochs (about 230 updates on Multi30k), both
 #                     averaged (what CI runs)                                 [cpu]
