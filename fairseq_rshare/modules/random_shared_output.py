@@ -196,7 +196,7 @@ class RandomSharedOutput(nn.Module):
         if path == "materialize":
             if self.training:
                 return self.materialized_forward(features)
-            return F.linear(features, self.materialized_weight(), self.bias)
+            return self.materialized_logits(features)
         lprobs = log_softmax_of_words(self.pool_scores(features), self.mapping_columns, self.bias)
         return lprobs.reshape(*features.shape[:-1], -1)
 
@@ -239,9 +239,13 @@ class RandomSharedOutput(nn.Module):
         eps_i = label_smoothing / (V - 1)
         return (1.0 - label_smoothing - eps_i) * nll_loss + eps_i * smooth_loss, nll_loss
 
+    def materialized_logits(self, features):
+        """Raw logits through the V x H matrix built from the pool, as a dense layer's."""
+        return F.linear(features, self.materialized_weight(), self.bias)
+
     def materialized_forward(self, features):
         """Log-probabilities through the V x H matrix built from the pool."""
-        logits = F.linear(features, self.materialized_weight(), self.bias)
+        logits = self.materialized_logits(features)
         return F.log_softmax(logits, dim=-1, dtype=torch.float32 if logits.dtype != torch.float64 else None)
 
     def materialized_weight(self):
