@@ -1,10 +1,16 @@
-"""`auto` against the path it picks, whole fairseq-train, many interleaved pairs.
+"""`auto` against the forced output paths, many interleaved runs, in two regimes.
 
-The training benchmark's 3 repeats found `auto` 10 % behind forced pool-scores at the PTB shape
-with 200 pool entries per position; this runs the two side by side `--repeats` times (default
-4) to tell a real residue of auto's one-off timing from run-to-run spread, each pair also with
-glibc's dynamic mmap threshold fixed (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), in
-case the timed step's large allocations leave the allocator in another state.
+training (default out: results/auto-vs-forced.json): the training benchmark's 3 repeats found
+`auto` 10 % behind forced pool-scores at the PTB shape with 200 pool entries per position; this
+runs the two side by side `--repeats` times (default 4) to tell a real residue of auto's
+one-off timing from run-to-run spread, each pair also with glibc's dynamic mmap threshold fixed
+(MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), in case the timed step's large allocations
+leave the allocator in another state.
+
+evaluation (default out: results/auto-vs-forced-evaluation.json): fairseq-eval-lm tokens/s of
+one checkpoint per shape (PTB shape, 2000 and 200 pool entries per position) run with each path
+forced (--model-overrides) and with auto, interleaved `--repeats` times, on an 82k-token stream
+(PTB test's size) in batches of 2,240 tokens, as the training benchmark evaluates.
 Writes every run and the medians to --out (JSON).
 """
 import argparse
@@ -17,37 +23,65 @@ import time
 import bench_training as bench
 
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+PATHS = ("pool-scores", "materialize", "auto")
+
+
+def training_runs(work, repeats):
+    runs = {}
+    data = bench.synthetic_lm_data(os.path.join(work, "lm"), 10_000, 2240 * 40 + 5000, 2000)
+    variants = {path: bench.lm_flags(200, 2, 40, 2240, ["--rshare-pool-size", "1600", "--rshare-output-path",
+                                                         path, *bench.RSHARE])
+                for path in ("pool-scores", "auto")}
+    for repeat in range(repeats):
+        for malloc in ("default", "fixed"):
+            for path, flags in variants.items():
+                saved = dict(os.environ)
+                if malloc == "fixed":
+                    os.environ.update(FIXED_MALLOC)
+                result = bench.train(data, flags, os.path.join(work, "save"))
+                os.environ.clear()
+                os.environ.update(saved)
+                runs.setdefault(f"{path}, malloc {malloc}", []).append(result)
+                print(repeat, path, malloc, result.get("words_per_second"), result.get("steady_words_per_second"),
+                      result["peak_rss_mb"], flush=True)
+    keys = ("words_per_second", "steady_words_per_second", "peak_rss_mb")
+    shape = "V=10k, 2x200, K=8, 200 entries/position, 40 updates of 2,240 tokens"
+    return shape, keys, runs
+
+
+def evaluation_runs(work, repeats):
+    runs = {}
+    data = bench.synthetic_lm_data(os.path.join(work, "lm"), 10_000, 2240 * 5 + 5000, 82_000)
+    for per_position in (2000, 200):
+        save_dir = os.path.join(work, f"save{per_position}")
+        flags = bench.lm_flags(200, 2, 5, 2240, ["--rshare-pool-size", str(8 * per_position), *bench.RSHARE])
+        if not bench.train(data, flags, save_dir, keep_checkpoint=True)["ok"]:
+            raise SystemExit(f"auto_vs_forced.py: training the {per_position}/position checkpoint failed")
+        for repeat in range(repeats):
+            for path in PATHS:
+                override = ["--model-overrides", repr({"rshare_output_path": path})]
+                result = bench.evaluation_speed("lm", data, save_dir, override)
+                runs.setdefault(f"{per_position}/position, {path}", []).append(result)
+                print(repeat, per_position, path, result, flush=True)
+    shape = "V=10k, 2x200, K=8, eval-lm on 82k tokens in batches of 2,240"
+    return shape, ("eval_tokens_per_second",), runs
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--regime", choices=("training", "evaluation"), default="training")
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--out", default=os.path.join(bench.RESULTS, "auto-vs-forced.json"))
+    parser.add_argument("--out")
     args = parser.parse_args()
-    runs = {}
+    name = "auto-vs-forced.json" if args.regime == "training" else "auto-vs-forced-evaluation.json"
+    out = args.out or os.path.join(bench.RESULTS, name)
     with tempfile.TemporaryDirectory() as work:
-        data = bench.synthetic_lm_data(os.path.join(work, "lm"), 10_000, 2240 * 40 + 5000, 2000)
-        variants = {path: bench.lm_flags(200, 2, 40, 2240, ["--rshare-pool-size", "1600", "--rshare-output-path",
-                                                             path, *bench.RSHARE])
-                    for path in ("pool-scores", "auto")}
-        for repeat in range(args.repeats):
-            for malloc in ("default", "fixed"):
-                for path, flags in variants.items():
-                    saved = dict(os.environ)
-                    if malloc == "fixed":
-                        os.environ.update(FIXED_MALLOC)
-                    result = bench.train(data, flags, os.path.join(work, "save"))
-                    os.environ.clear()
-                    os.environ.update(saved)
-                    runs.setdefault(f"{path}, malloc {malloc}", []).append(result)
-                    print(repeat, path, malloc, result.get("words_per_second"), result.get("steady_words_per_second"),
-                          result["peak_rss_mb"], flush=True)
-    medians = {name: {key: statistics.median(r[key] for r in results)
-                      for key in ("words_per_second", "steady_words_per_second", "peak_rss_mb")}
+        shape, keys, runs = (training_runs if args.regime == "training" else evaluation_runs)(work, args.repeats)
+    medians = {name: {key: statistics.median(r[key] for r in results) for key in keys}
                for name, results in runs.items()}
-    with open(args.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "shape": "V=10k, 2x200, K=8, 200 entries/position, 40 updates "
-                   "of 2,240 tokens", "repeats": args.repeats, "medians": medians, "runs": runs}, f, indent=1)
+    with open(out, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "regime": args.regime, "shape": shape, "repeats": args.repeats,
+                   "medians": medians, "runs": runs}, f, indent=1)
     for name, median in medians.items():
         print(name, median)
 

@@ -74,11 +74,12 @@ def multi30k_data(folder):
     return os.path.join(folder, "data-bin")
 
 
-def evaluation_speed(kind, data_bin, save_dir, flags):
+def evaluation_speed(kind, data_bin, save_dir, extra=()):
     """Speed of the trained checkpoint: fairseq-eval-lm tokens/s (kind "lm") or beam-5
-    fairseq-generate sentences/s and tokens/s on the test set (kind "nmt")."""
+    fairseq-generate sentences/s and tokens/s on the test set (kind "nmt"); `extra`: more flags
+    for the tool."""
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
-    common = [data_bin, "--user-dir", USER_DIR, "--cpu", "--path", checkpoint]
+    common = [data_bin, "--user-dir", USER_DIR, "--cpu", "--path", checkpoint, *extra]
     if kind == "lm":
         command = [*fairseq_tool("fairseq-eval-lm"), *common, "--gen-subset", "valid", "--tokens-per-sample", "35",
                    "--max-tokens", "2240", "--required-batch-size-multiple", "1"]
@@ -96,9 +97,10 @@ def evaluation_speed(kind, data_bin, save_dir, flags):
     return dict(zip(keys, map(float, values)))
 
 
-def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None):
+def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None, keep_checkpoint=False):
     """One fairseq-train process: its words/s, peak RSS and checkpoint bytes (None when it failed),
-    then evaluation_speed(evaluate, ...) of its checkpoint when evaluate is "lm" or "nmt"."""
+    then evaluation_speed(evaluate, ...) of its checkpoint when evaluate is "lm" or "nmt"; the
+    save_dir is removed afterwards unless keep_checkpoint."""
     shutil.rmtree(save_dir, ignore_errors=True)
     command = [*fairseq_tool("fairseq-train"), data_bin, "--user-dir", USER_DIR, "--cpu", "--seed", "1",
                "--required-batch-size-multiple", "1", "--disable-validation", "--save-dir", save_dir,
@@ -123,7 +125,7 @@ def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None):
         if steady:
             result["steady_words_per_second"] = steady
         if evaluate:
-            result.update(evaluation_speed(evaluate, data_bin, save_dir, flags))
+            result.update(evaluation_speed(evaluate, data_bin, save_dir))
     elif "can't allocate memory" in text or "MemoryError" in text:
         result.update(ok=False, error=f"out of memory under the {memory_cap_gb} GB address-space cap")
     else:
@@ -131,7 +133,8 @@ def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None):
         result["error"] = next(
             (line.strip()[:160] for line in reversed(text.splitlines())
              if "Error" in line or "error" in line or "memory" in line), f"exit status {status}")
-    shutil.rmtree(save_dir, ignore_errors=True)
+    if not keep_checkpoint:
+        shutil.rmtree(save_dir, ignore_errors=True)
     return result
 
 

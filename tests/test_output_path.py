@@ -18,7 +18,11 @@ SHAPE = dict(num_embeddings=2000, embedding_dim=64, padding_idx=1, num_subvector
 
 
 def rigged(times):
-    return lambda self, path, num_tokens, regime: times[path]
+    return lambda self, path, num_tokens: times[path]
+
+
+def rigged_on_batch(times):
+    return lambda self, path, features: (times[path], self.logits_through(path, features))
 
 
 def test_auto_takes_the_faster_measured_path(monkeypatch, caplog):
@@ -34,20 +38,55 @@ def test_auto_takes_the_faster_measured_path(monkeypatch, caplog):
 def test_training_and_evaluation_are_measured_apart_and_once(monkeypatch):
     timed = []
 
-    def time_path(self, path, num_tokens, regime):
-        timed.append(regime)
-        faster = "pool-scores" if regime == "training" else "materialize"
-        return 1.0 if path == faster else 2.0
+    def time_path(self, path, num_tokens):
+        timed.append("training")
+        return 1.0 if path == "pool-scores" else 2.0
+
+    def time_on_batch(self, path, features):
+        timed.append("evaluation")
+        return 1.0 if path == "materialize" else 2.0, self.logits_through(path, features)
 
     monkeypatch.setattr(RandomSharedOutput, "time_path", time_path)
+    monkeypatch.setattr(RandomSharedOutput, "time_on_batch", time_on_batch)
     output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE))
     for _ in range(2):
         output.train()(torch.randn(4, 64)).sum().backward()
         assert output.path == "pool-scores"
         with torch.no_grad():
-            output.eval()(torch.randn(4, 64))
+            for _ in range(2):  # evaluation times one path on each of its first two calls
+                output.eval()(torch.randn(4, 64))
         assert output.path == "materialize"
-    assert timed == ["training", "training", "evaluation", "evaluation"]
+    assert timed == ["training", "training", "evaluation", "evaluation"]  # each path once a regime
+
+
+@pytest.mark.parametrize("faster", ["pool-scores", "materialize"])
+def test_evaluation_times_its_first_two_calls_one_path_each_then_keeps_the_faster(monkeypatch, faster):
+    slower = {"pool-scores": "materialize", "materialize": "pool-scores"}[faster]
+    # Seconds per call: the second batch has twice the tokens, so it is the cost per token that counts.
+    times = {faster: 1.5, slower: 1.0} if faster == "materialize" else {faster: 1.0, slower: 2.5}
+    monkeypatch.setattr(RandomSharedOutput, "time_on_batch", rigged_on_batch(times))
+    output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), bias=True).eval()
+    torch.nn.init.normal_(output.bias)
+    batches = [torch.randn(1, 5, 64), torch.randn(2, 5, 64), torch.randn(3, 5, 64)]
+    with torch.no_grad():
+        outputs = [output(features) for features in batches]
+        assert (output._weight is not None) == (faster == "materialize")  # a matrix kept only if used
+        for features, got, path in zip(batches, outputs, ["pool-scores", "materialize", faster]):
+            assert torch.equal(got, output.logits_through(path, features))
+    assert output.path == faster
+    # Only the materialize path hands over raw logits, so the path taken shows in the output.
+    normalised = [bool(got.logsumexp(-1).abs().max() < 1e-5) for got in outputs]
+    assert normalised == [True, False, faster == "pool-scores"]
+
+
+def test_timing_on_a_batch_returns_that_paths_output():
+    output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), bias=True).eval()
+    features = torch.randn(7, 64)
+    with torch.no_grad():
+        for path in ("pool-scores", "materialize"):
+            seconds, timed_output = output.time_on_batch(path, features)
+            assert seconds > 0
+            assert torch.equal(timed_output, output.logits_through(path, features))
 
 
 def test_a_forced_path_is_kept(monkeypatch):
@@ -55,6 +94,7 @@ def test_a_forced_path_is_kept(monkeypatch):
         raise AssertionError("measured")
 
     monkeypatch.setattr(RandomSharedOutput, "time_path", fail)
+    monkeypatch.setattr(RandomSharedOutput, "time_on_batch", fail)
     for path in ("pool-scores", "materialize"):
         forced = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), path=path).train()
         forced(torch.randn(4, 64)).sum().backward()
@@ -68,6 +108,7 @@ def test_a_clear_cost_model_is_not_timed(monkeypatch):
         raise AssertionError("timed")
 
     monkeypatch.setattr(RandomSharedOutput, "time_path", fail)
+    monkeypatch.setattr(RandomSharedOutput, "time_on_batch", fail)
     # V=20k, H=512, K=8, 200 entries per position: pool-scores 5.6x cheaper by the model.
     output = RandomSharedOutput(RandomSharedEmbedding(20_000, 512, 1, 8, 1600))
     pool_scores, materialize = path_costs(20_000, 512, 8, 1600)
@@ -75,14 +116,15 @@ def test_a_clear_cost_model_is_not_timed(monkeypatch):
     output.train()(torch.randn(4, 512)).sum().backward()
     with torch.no_grad():
         output.eval()(torch.randn(4, 512))
-    assert output.chosen_paths == {"training": "pool-scores", "evaluation": "pool-scores"}
+    assert output.path == "pool-scores"
+    output.train()
+    assert output.path == "pool-scores"
 
 
 def test_timing_touches_no_gradient():
     output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), bias=True)
     for path in ("pool-scores", "materialize"):
-        for regime in ("training", "evaluation"):
-            assert output.time_path(path, 16, regime) > 0
+        assert output.time_path(path, 16) > 0
     assert all(p.grad is None for p in output.parameters())
 
 

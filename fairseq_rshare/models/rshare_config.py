@@ -62,7 +62,7 @@ class RShareConfig(FairseqDataclass):
     )
     rshare_output_path: ChoiceEnum(["auto", "pool-scores", "materialize"]) = field(
         default="auto",
-        metadata={"help": "how the random-shared output layer computes: pool-scores (never builds the V x H matrix), materialize (builds it once a batch, as dense), or auto (on CPU both are timed at the first training step and at the first evaluation call, and the faster of each kept; a cost model of the shape before that and on other devices)"},
+        metadata={"help": "how the random-shared output layer computes: pool-scores (never builds the V x H matrix), materialize (builds it once a batch, as dense), or auto (on CPU both are timed at the first training step, and on the first two evaluation calls, one path each, and the faster of each kept; a cost model of the shape before that and on other devices)"},
     )
     rshare_output_bias: bool = field(
         default=False, metadata={"help": "add a per-word bias to the random-shared output layer"}

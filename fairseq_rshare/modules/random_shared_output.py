@@ -25,10 +25,10 @@ MEASURED_STEPS = 3
 SCORE_COST = 7
 
 
-# Evaluation is timed on at most this many tokens of its first batch: there both paths cost in
-# proportion to the tokens (the materialised matrix is kept between calls), so a slice tells
-# which is faster without paying for a large batch eight times over.
-EVALUATION_TIMED_TOKENS = 256
+# In evaluation `auto` times the two paths on real batches (not a slice: the pool-scores path's
+# cost per token grows with the batch, whose score table and log-probabilities outgrow the
+# caches), each on one call for at least this long or MEASURED_STEPS repeats of it.
+EVALUATION_TIMED_SECONDS = 0.02
 
 # `auto` times the two paths only where the cost model's estimates lie within this factor of
 # each other; beyond it the model's choice stands untimed (timing materialize at V=800k,
@@ -67,10 +67,11 @@ class RandomSharedOutput(nn.Module):
     - materialize: build the V x H matrix from the pool once a batch and multiply, as dense.
       Faster when H/K is small or the pool is large (a dense matmul multiply-add is about
       SCORE_COST times cheaper than a pool score or a gathered score).
-    ``path="auto"`` on CPU times both on the first call of each regime (:meth:`measure_path_once`,
-    every rank taking rank 0's choice): training (forward and backward of the loss) and
-    evaluation (forward only, where the materialised matrix is kept between calls) are timed
-    and chosen apart.  Before that, on other devices, and where the cost model
+    ``path="auto"`` on CPU times both on the first call of each regime, every rank taking rank
+    0's choice: training (:meth:`measure_path_once`: forward and backward of the loss, on
+    random features of the batch's size) and evaluation (:meth:`evaluate_while_timing`: the
+    first real batch through one path, the second through the other, forward only, the
+    materialised matrix kept between calls) are timed and chosen apart.  Before that, on other devices, and where the cost model
     (:func:`path_costs`) is clear by more than TIMED_WITHIN, it picks by the model.
     Forward returns logits for fairseq's ``get_normalized_probs`` to normalise: in training
     they are log-probabilities already (the rshare decoders then skip fairseq's log-softmax,
@@ -101,6 +102,7 @@ class RandomSharedOutput(nn.Module):
             path = "materialize"
         self.path_setting = path
         self.chosen_paths = {}  # regime ("training" or "evaluation") -> the path chosen
+        self.evaluation_seconds = {}  # path -> seconds per token, timed on real evaluation calls
         if self.path_on("cpu") == "pool-scores" and not torch.cuda.is_available():
             extension()  # compile or load the fused kernel now, not inside the first timed step
 
@@ -131,21 +133,27 @@ class RandomSharedOutput(nn.Module):
         return self.path_on(device_type)
 
     def measure_path_once(self, num_tokens):
-        """With path "auto" on CPU, choose a path once per regime: time both on this many
-        tokens, as that regime runs them, and keep the faster (in distributed runs every rank
-        takes rank 0's choice, so all run the same code), or, where the cost model is clear,
-        take its choice untimed."""
-        regime = self.regime()
-        if regime in self.chosen_paths or self.path_setting != "auto" or self.table.pool.device.type != "cpu":
+        """With path "auto" on CPU, choose the training path once: time both on this many tokens,
+        forward and backward of the loss, and keep the faster, or, where the cost model is clear,
+        take its choice untimed.  Evaluation chooses in :meth:`forward`, on its first real batch."""
+        if self.regime() != "training" or not self.needs_choice() or self.cost_model_is_clear():
             return
+        seconds = {path: self.time_path(path, max(1, num_tokens)) for path in ("pool-scores", "materialize")}
+        self.take_faster(seconds, num_tokens, "training")
+
+    def needs_choice(self):
+        """auto on CPU, and no path chosen yet for the current regime."""
+        return (self.path_setting == "auto" and self.table.pool.device.type == "cpu"
+                and self.regime() not in self.chosen_paths)
+
+    def cost_model_is_clear(self):
+        """The cost model's estimates lie more than TIMED_WITHIN apart: its choice stands untimed."""
         costs = path_costs(*self.cost_shape())
-        if max(costs) > TIMED_WITHIN * min(costs):
-            self.chosen_paths[regime] = self.path_on("cpu")  # a clear case: not worth timing
-            return
-        if regime == "evaluation":
-            num_tokens = min(num_tokens, EVALUATION_TIMED_TOKENS)
-        seconds = {path: self.time_path(path, max(1, num_tokens), regime) for path in ("pool-scores", "materialize")}
-        self._weight = self._weight_version = None  # a matrix timed in evaluation is not kept
+        return max(costs) > TIMED_WITHIN * min(costs)
+
+    def take_faster(self, seconds, num_tokens, regime):
+        """Keep the faster path for `regime` (in distributed runs every rank takes rank 0's
+        choice, so all run the same code), log both times and the choice, return it."""
         choice = min(seconds, key=seconds.get)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             shared = [choice]
@@ -158,11 +166,11 @@ class RandomSharedOutput(nn.Module):
             self.table.num_embeddings, self.table.embedding_dim, self.table.num_subvectors, self.table.pool_size,
             num_tokens, regime, 1000 * seconds["pool-scores"], 1000 * seconds["materialize"], choice,
         )
+        return choice
 
-    def time_path(self, path, num_tokens, regime):
-        """Seconds per call through `path` on random features: in training the forward and
-        backward of the loss, in evaluation what forward returns (fairseq's log-softmax after it
-        costs both paths the same)."""
+    def time_path(self, path, num_tokens):
+        """Seconds per training step through `path` (forward and backward of the loss) on random
+        features."""
         generator = torch.Generator().manual_seed(0)
         features = torch.randn(num_tokens, self.table.embedding_dim, generator=generator, dtype=self.table.pool.dtype)
         target = torch.randint(self.table.num_embeddings, (num_tokens,), generator=generator)
@@ -175,20 +183,46 @@ class RandomSharedOutput(nn.Module):
                 loss = F.nll_loss(self.materialized_forward(features), target, reduction="sum")
             torch.autograd.grad(loss, inputs)  # the gradients are dropped: no .grad is touched
 
-        def evaluation_step():
-            with torch.no_grad():
-                self.logits_through(path, features)
-
-        step = training_step if regime == "training" else evaluation_step
-        step()
+        training_step()
         start = time.perf_counter()
         for _ in range(MEASURED_STEPS):
-            step()
+            training_step()
         return (time.perf_counter() - start) / MEASURED_STEPS
 
+    def time_on_batch(self, path, features):
+        """(seconds per call, output) of `path` on this evaluation batch: what forward returns
+        (fairseq's log-softmax after it costs both paths the same).  Building the materialised
+        matrix, kept across evaluation calls, is not timed."""
+        self.logits_through(path, features.reshape(-1, features.shape[-1])[:1])
+        calls, start = 0, time.perf_counter()
+        while True:
+            output = self.logits_through(path, features)
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= EVALUATION_TIMED_SECONDS or calls == MEASURED_STEPS:
+                return elapsed / calls, output
+
     def forward(self, features):
-        self.measure_path_once(features.numel() // features.shape[-1])
+        num_tokens = features.numel() // features.shape[-1]
+        if self.regime() == "training":
+            self.measure_path_once(num_tokens)
+        elif self.needs_choice() and not self.cost_model_is_clear():
+            return self.evaluate_while_timing(features, num_tokens)
         return self.logits_through(self.path, features)
+
+    def evaluate_while_timing(self, features, num_tokens):
+        """auto's evaluation choice, made on real work: the first evaluation call runs through
+        pool-scores, the second through materialize, each timed per token; after the second
+        the faster is kept.  Only the difference between the paths on one batch is lost."""
+        path = next(path for path in ("pool-scores", "materialize") if path not in self.evaluation_seconds)
+        seconds, output = self.time_on_batch(path, features)
+        self.evaluation_seconds[path] = seconds / num_tokens
+        if len(self.evaluation_seconds) == 2:
+            per_thousand = {path: 1000 * seconds for path, seconds in self.evaluation_seconds.items()}
+            choice = self.take_faster(per_thousand, 1000, "evaluation")
+            if choice != "materialize":
+                self._weight = self._weight_version = None  # the matrix built for the timing is not kept
+        return output
 
     def logits_through(self, path, features):
         """What forward returns on `path`: log-probabilities, except the materialize path's raw
