@@ -71,8 +71,9 @@ class RandomSharedOutput(nn.Module):
     0's choice: training (:meth:`measure_path_once`: forward and backward of the loss, on
     random features of the batch's size) and evaluation (:meth:`evaluate_while_timing`: the
     first real batch through one path, the second through the other, forward only, the
-    materialised matrix kept between calls) are timed and chosen apart.  Before that, on other devices, and where the cost model
-    (:func:`path_costs`) is clear by more than TIMED_WITHIN, it picks by the model.
+    materialised matrix kept between calls) are timed and chosen apart.  Before that, on other
+    devices, and where the cost model (:func:`path_costs`) is clear by more than TIMED_WITHIN,
+    it picks by the model.
     Forward returns logits for fairseq's ``get_normalized_probs`` to normalise: in training
     they are log-probabilities already (the rshare decoders then skip fairseq's log-softmax,
     a pass over V forward and backward); in eval mode the materialize path returns the raw
