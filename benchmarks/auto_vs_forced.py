@@ -1,4 +1,4 @@
-"""`auto` against the forced output paths, many interleaved runs, in two regimes.
+"""`auto` against the forced output paths, many interleaved runs, in three regimes.
 
 training (default out: results/auto-vs-forced.json): the training benchmark's 3 repeats found
 `auto` 10 % behind forced pool-scores at the PTB shape with 200 pool entries per position; this
@@ -11,12 +11,18 @@ evaluation (default out: results/auto-vs-forced-evaluation.json): fairseq-eval-l
 one checkpoint per shape (PTB shape, 2000 and 200 pool entries per position) run with each path
 forced (--model-overrides) and with auto, interleaved `--repeats` times, on an 82k-token stream
 (PTB test's size) in batches of 2,240 tokens, as the training benchmark evaluates.
+recipes (default out: results/auto-vs-forced-recipes.json): whole fairseq-train at the
+recipes' default shapes, dense and rshare with each path forced and auto, interleaved
+`--repeats` times: the LM recipe's rshare (V=10k, 2x200, 10 %, output bias; 40 updates of 2,240
+tokens) and the Multi30k transformer's table (V=7.8k, H=256, 10 %, one table shared by all;
+the training benchmark's 3+3x256 model, 30 updates; needs ../shared/data/multi30k).
 Writes every run and the medians to --out (JSON).
 """
 import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -67,21 +73,50 @@ def evaluation_runs(work, repeats):
     return shape, ("eval_tokens_per_second",), runs
 
 
+def recipe_shape_runs(work, repeats):
+    lm_data = bench.synthetic_lm_data(os.path.join(work, "lm"), 10_000, 2240 * 40 + 5000, 2000)
+    cases = {"LM recipe (V=10k, 2x200, 10 %, bias)": (
+        lm_data, lambda variant: bench.lm_flags(200, 2, 40, 2240, variant),
+        ["--rshare-ratio", "0.1", "--rshare-output-bias"])}
+    if os.path.isdir(bench.MULTI30K):
+        cases["Multi30k transformer (V=7.8k, 3+3x256, 10 %)"] = (
+            bench.multi30k_data(os.path.join(work, "multi30k")), lambda variant: bench.nmt_flags(30, variant),
+            ["--rshare-ratio", "0.1"])
+    runs = {}
+    for repeat in range(repeats):
+        for case, (data, flags, rshare) in cases.items():
+            variants = {"dense": bench.DENSE}
+            variants.update({path: [*rshare, "--rshare-output-path", path, *bench.RSHARE] for path in PATHS})
+            for variant, variant_flags in variants.items():
+                result = bench.train(data, flags(variant_flags), os.path.join(work, "save"))
+                runs.setdefault(f"{case}, {variant}", []).append(result)
+                print(repeat, case, variant, result.get("words_per_second"), result.get("steady_words_per_second"),
+                      flush=True)
+    shape = "the LM recipe's and the Multi30k transformer's default rshare shapes, whole fairseq-train"
+    return shape, ("words_per_second", "steady_words_per_second", "peak_rss_mb"), runs
+
+
+REGIMES = {"training": (training_runs, "auto-vs-forced.json"),
+           "evaluation": (evaluation_runs, "auto-vs-forced-evaluation.json"),
+           "recipes": (recipe_shape_runs, "auto-vs-forced-recipes.json")}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--regime", choices=("training", "evaluation"), default="training")
+    parser.add_argument("--regime", choices=REGIMES, default="training")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--out")
     args = parser.parse_args()
-    name = "auto-vs-forced.json" if args.regime == "training" else "auto-vs-forced-evaluation.json"
+    runner, name = REGIMES[args.regime]
     out = args.out or os.path.join(bench.RESULTS, name)
     with tempfile.TemporaryDirectory() as work:
-        shape, keys, runs = (training_runs if args.regime == "training" else evaluation_runs)(work, args.repeats)
-    medians = {name: {key: statistics.median(r[key] for r in results) for key in keys}
+        shape, keys, runs = runner(work, args.repeats)
+    medians = {name: {key: statistics.median(r[key] for r in results if key in r) for key in keys}
                for name, results in runs.items()}
     with open(out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "regime": args.regime, "shape": shape, "repeats": args.repeats,
-                   "medians": medians, "runs": runs}, f, indent=1)
+        json.dump({"date": time.strftime("%Y-%m-%d"), "regime": args.regime, "shape": shape,
+                   "command": " ".join(["python", "benchmarks/auto_vs_forced.py", *sys.argv[1:]]),
+                   "repeats": args.repeats, "medians": medians, "runs": runs}, f, indent=1)
     for name, median in medians.items():
         print(name, median)
 
