@@ -82,13 +82,16 @@ def recipe_shape_runs(work, repeats):
         cases["Multi30k transformer (V=7.8k, 3+3x256, 10 %)"] = (
             bench.multi30k_data(os.path.join(work, "multi30k")), lambda variant: bench.nmt_flags(30, variant),
             ["--rshare-ratio", "0.1"])
+    variants = {case: {"dense": flags(bench.DENSE),
+                       **{path: flags([*rshare, "--rshare-output-path", path, *bench.RSHARE]) for path in PATHS}}
+                for case, (_, flags, rshare) in cases.items()}
     runs = {}
     for repeat in range(repeats):
-        for case, (data, flags, rshare) in cases.items():
-            variants = {"dense": bench.DENSE}
-            variants.update({path: [*rshare, "--rshare-output-path", path, *bench.RSHARE] for path in PATHS})
-            for variant, variant_flags in variants.items():
-                result = bench.train(data, flags(variant_flags), os.path.join(work, "save"))
+        for case, (data, _, _) in cases.items():
+            for variant, variant_flags in variants[case].items():
+                result = bench.train(data, variant_flags, os.path.join(work, "save"))
+                if not result["ok"]:
+                    raise SystemExit(f"auto_vs_forced.py: {case}, {variant}: fairseq-train failed: {result['error']}")
                 runs.setdefault(f"{case}, {variant}", []).append(result)
                 print(repeat, case, variant, result.get("words_per_second"), result.get("steady_words_per_second"),
                       flush=True)
