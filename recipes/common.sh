@@ -14,16 +14,17 @@ require_tools() {
 # variant_flags NAME WORDS: the --rshare-* flags of a run; WORDS is the dictionary size (for
 # -freq). INPUT_TABLES lists the model's input tables, empty when they are tied to the output.
 # NAME is dense, or rshare-R followed by any of -input, -freq, -bias, -scale, -inR (the input
-# tables' ratio, R the output's), -outR (the output's ratio, R the input's) and -kN (N sub-vectors
-# a word). rshare runs train with --criterion rshare_cross_entropy (the same loss, computed from
-# the pool scores when the output layer takes that path); dense runs keep fairseq's own criterion.
+# tables' ratio, R the output's), -outR (the output's ratio, R the input's), -kN (N sub-vectors
+# a word) and -stdS (the pools' initial standard deviation). rshare runs train with --criterion
+# rshare_cross_entropy (the same loss, computed from the pool scores when the output layer takes
+# that path); dense runs keep fairseq's own criterion.
 variant_flags() {
   local name=$1 words=$2 ratio suffix flags
   if [ "$name" = dense ]; then echo "--rshare-tables none"; return; fi
   IFS=- read -r -a parts <<<"$name"
   ratio=${parts[1]:-}
   [ "${parts[0]}" = rshare ] && [[ $ratio =~ ^0?\.[0-9]+$ ]] \
-    || die "variant '$name': use dense, or rshare-R with 0 < R < 1 and any of -input, -freq, -bias, -scale, -inR, -outR, -kN"
+    || die "variant '$name': use dense, or rshare-R with 0 < R < 1 and any of -input, -freq, -bias, -scale, -inR, -outR, -kN, -stdS"
   flags="--rshare-ratio $ratio --criterion rshare_cross_entropy"
   for suffix in "${parts[@]:2}"; do
     case $suffix in
@@ -38,7 +39,8 @@ variant_flags() {
       k[1-9]*)
         [[ ${suffix#k} =~ ^[1-9][0-9]*$ ]] || die "variant '$name': -$suffix: give the sub-vectors a word as -kN, N a whole number"
         flags="$flags --rshare-subvectors ${suffix#k}" ;;
-      *) die "variant '$name': unknown suffix '$suffix' (use -input, -freq, -bias, -scale, -inR, -outR or -kN)" ;;
+      std0.*|std.*) flags="$flags --rshare-init-std ${suffix#std}" ;;
+      *) die "variant '$name': unknown suffix '$suffix' (use -input, -freq, -bias, -scale, -inR, -outR, -kN or -stdS)" ;;
     esac
   done
   echo "$flags"

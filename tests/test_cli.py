@@ -255,6 +255,7 @@ def test_model_overrides_that_change_the_mapping_fail_clearly(trained, lm_data):
          "makes the output reuse the input table"),
         (["--rshare-word-scale", "--rshare-output-path", "pool-scores"],
          "--rshare-word-scale runs on the materialize output path only"),
+        (["--rshare-init-std", "0"], "--rshare-init-std must be above 0, got 0.0"),
         (["--decoder-embed-path", "vectors.txt"], "rshare_lstm_lm does not support --decoder-embed-path"),
         (["--share-decoder-input-output-embed", "--decoder-out-embed-dim", "16", "--rshare-tables", "none"],
          "needs --decoder-embed-dim (32) equal to --decoder-out-embed-dim (16)"),

@@ -14,6 +14,8 @@ from fairseq_rshare.modules import pool_scores_is_cheaper
 from fairseq_rshare.models.rshare_config import FLAG_NAMES, most_frequent_words
 from fairseq_rshare.modules.random_shared_embedding import check_table_shape
 
+from conftest import tiny_lm
+
 GOLDEN_FINGERPRINTS = {
     (10, 4, 8, "position", 1): "508325ab1362e31",
     (10, 4, 8, "global", 1): "2cb1708d1220455",
@@ -337,6 +339,16 @@ def test_word_scale_weighs_each_sub_vector_in_the_embedding_and_the_output():
     assert torch.allclose(output(features), expected, atol=1e-5)
     output(features).sum().backward()
     assert table.word_scale.grad is not None and torch.count_nonzero(table.word_scale.grad) > 0
+
+
+@pytest.mark.parametrize("init_std", [None, 0.5])
+def test_pools_start_normal_with_the_std_of_rshare_init_std(init_std):
+    model = tiny_lm(rshare_init_std=init_std)
+    expected = 16**-0.5 if init_std is None else init_std
+    for table in (model.decoder.embed_tokens, model.decoder.output_projection.table):
+        pool = table.pool.detach()
+        assert abs(pool.mean()) < 0.1 * expected
+        assert abs(pool.std() / expected - 1) < 0.15
 
 
 def test_word_scale_refuses_the_pool_scores_path():

@@ -71,6 +71,10 @@ class RShareConfig(FairseqDataclass):
         default=False,
         metadata={"help": "give every word a trained scale on each of its K sub-vectors (V*K more parameters, the importance weights of hash embeddings; not the paper's)"},
     )
+    rshare_init_std: Optional[float] = field(
+        default=None,
+        metadata={"help": "standard deviation of the pool's normal initialisation (default H**-0.5, as fairseq's embeddings)"},
+    )
 
 
 def add_rshare_args(parser):
@@ -164,6 +168,8 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
             "symbols: was the training data empty? Run fairseq-preprocess on a non-empty --trainpref"
         )
     pool_size = pool_size_for(args, len(dictionary), table)
+    if args.rshare_init_std is not None and not args.rshare_init_std > 0:
+        raise RShareConfigError(f"--rshare-init-std must be above 0, got {args.rshare_init_std}")
     private_words = most_frequent_words(dictionary, args.rshare_frequent_words)
     check_table_shape(len(dictionary), embed_dim, args.rshare_subvectors, pool_size,
                       str(args.rshare_pool_kind), len(private_words), names=FLAG_NAMES)
@@ -174,6 +180,7 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
         num_subvectors=args.rshare_subvectors,
         pool_size=pool_size,
         word_scale=args.rshare_word_scale,
+        init_std=args.rshare_init_std,
         pool_kind=str(args.rshare_pool_kind),
         seed=args.rshare_seed + SEED_OFFSETS[table],
         private_words=private_words,

@@ -108,7 +108,8 @@ class RandomSharedEmbedding(nn.Module):
     regenerated from the settings and is not saved; ``mapping_fingerprint`` is saved, and
     loading weights made with a different table is an error.  ``private_words`` (the
     frequency-aware variant) get entries no other word uses; ``word_scale`` adds a trained
-    scale per word and sub-vector.
+    scale per word and sub-vector.  The pool starts normal with std ``init_std``, by default
+    H**-0.5 as fairseq's embeddings.
     """
 
     def __init__(
@@ -122,6 +123,7 @@ class RandomSharedEmbedding(nn.Module):
         seed=1,
         private_words=(),
         word_scale=False,
+        init_std=None,
     ):
         super().__init__()
         private_words = [int(word) for word in private_words]
@@ -148,7 +150,7 @@ class RandomSharedEmbedding(nn.Module):
         self.register_buffer("mapping_fingerprint", torch.tensor(fingerprint_parts(self.fingerprint)))
         self.register_buffer("mapping_version", torch.tensor(MAPPING_VERSION))
         self.pool = nn.Parameter(torch.empty(pool_size, embedding_dim // num_subvectors))
-        nn.init.normal_(self.pool, mean=0.0, std=embedding_dim**-0.5)
+        nn.init.normal_(self.pool, mean=0.0, std=embedding_dim**-0.5 if init_std is None else init_std)
         # Optional per-word scales of the K sub-vectors (V*K numbers, started at 1): words that
         # share an entry can still weigh it differently.
         self.word_scale = nn.Parameter(torch.ones(num_embeddings, num_subvectors)) if word_scale else None
