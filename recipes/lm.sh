@@ -29,10 +29,11 @@
 #               -scale           a trained scale per word and sub-vector (--rshare-word-scale)
 #               -inR, -outR      the input tables', or the output table's, own ratio R
 #               -kN              N sub-vectors a word (--rshare-subvectors N)
-#             and last, for the same-budget comparison (e.g. dense-h100, dense-drop0.3,
-#             rshare-0.45-bias-h320-drop0.3), either or both in this order:
+#             and last, any of them in this order (e.g. dense-h100, dense-drop0.3,
+#             rshare-0.45-bias-h320-drop0.3, rshare-0.1-bias-poollr2):
 #               -hN              embedding, LSTM and output size N instead of the preset's
 #               -dropP           dropout P instead of the preset's
+#               -poollrS         the pools' learning rate S x the preset's (--pool-lr-scale S)
 #   WORK      output folder                                                 [work/lm-$CORPUS-$PRESET]
 #   STEPS     any of: prepare train evaluate                                [prepare train evaluate]
 #   EXTRA     extra fairseq-train flags, e.g. "--max-update 50"             []
@@ -75,20 +76,22 @@ COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --ta
 [ "$PRESET" = gpu ] || COMMON="$COMMON --cpu"
 
 require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
-# model_flags VARIANT: the flags of its last suffixes -hN and -dropP (nothing without them).
+# model_flags VARIANT: the flags of its last suffixes -hN, -dropP and -poollrS (nothing without them).
 model_flags() {
   local rest=$1 flags=
-  if [[ $rest =~ ^(.*)-drop(0?\.[0-9]+)$ ]]; then rest=${BASH_REMATCH[1]}; flags="--dropout ${BASH_REMATCH[2]}"; fi
+  if [[ $rest =~ ^(.*)-poollr([0-9]*\.?[0-9]+)$ ]]; then rest=${BASH_REMATCH[1]}; flags="--pool-lr-scale ${BASH_REMATCH[2]}"; fi
+  if [[ $rest =~ ^(.*)-drop(0?\.[0-9]+)$ ]]; then rest=${BASH_REMATCH[1]}; flags="--dropout ${BASH_REMATCH[2]} $flags"; fi
   if [[ $rest =~ ^(.*)-h([0-9]+)$ ]]; then
     local n=${BASH_REMATCH[2]}
     flags="--decoder-embed-dim $n --decoder-hidden-size $n --decoder-out-embed-dim $n $flags"
   fi
   echo "$flags"
 }
-# table_variant VARIANT: the name without its last -hN and -dropP, for variant_flags (which
-# refuses anything else left over).
+# table_variant VARIANT: the name without its last -hN, -dropP and -poollrS, for variant_flags
+# (which refuses anything else left over).
 table_variant() {
   local rest=$1
+  [[ $rest =~ ^(.*)-poollr[0-9]*\.?[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
   [[ $rest =~ ^(.*)-drop0?\.[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
   [[ $rest =~ ^(.*)-h[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
   echo "$rest"

@@ -194,7 +194,8 @@ def tabulate(results_dir, tmp_path):
 @pytest.mark.parametrize("corpus,vocabulary", [("ptb", 10_000), ("wikitext2", 33_278)])
 def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
     data = shared_corpus(corpus)
-    variants = ["dense", "rshare-0.1-freq-k4-std0.2-h64-drop0.2"] if corpus == "ptb" else ["dense", "rshare-0.1"]
+    rshare_variant = "rshare-0.1-freq-k4-std0.2-h64-drop0.2-poollr2" if corpus == "ptb" else "rshare-0.1"
+    variants = ["dense", rshare_variant]
     recipe("lm.sh", tmp_path, CORPUS=corpus, DATA=data, PRESET="smoke", WORK=tmp_path / "work",
            VARIANTS=" ".join(variants))
     # Far better than chance: a tenth of the uniform perplexity over the vocabulary.
@@ -204,7 +205,7 @@ def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
     assert rshare["embedding_softmax_params"] < 0.15 * width * results["dense"]["embedding_softmax_params"]
     if corpus == "ptb":  # the smoke model is 2x32; -h64 doubles it
         for flag in ("--rshare-frequent-words 500", "--rshare-subvectors 4", "--rshare-init-std 0.2",
-                     "--decoder-hidden-size 64", "--dropout 0.2"):
+                     "--decoder-hidden-size 64", "--dropout 0.2", "--pool-lr-scale 2"):
             assert flag in rshare["command"]
         assert rshare["params"]["body"] > 3 * results["dense"]["params"]["body"]
     assert "--criterion rshare_cross_entropy" in rshare["command"]
