@@ -83,6 +83,12 @@ record_variant() {
     --command-file "$run/train.cmd" "$@"
 }
 
+# device_flags: --cpu unless torch sees a GPU. Every preset runs where it is (the cpu preset's
+# model and schedule on a GPU too); fairseq itself would fall back to the CPU without one.
+device_flags() {
+  python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null || echo --cpu
+}
+
 # dictionary_size DICT: fairseq's vocabulary size for a dict.txt (its words + 4 special symbols).
 dictionary_size() { echo $(( $(wc -l <"$1") + 4 )); }
 

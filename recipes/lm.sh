@@ -18,6 +18,7 @@
 #             gpu   : Zaremba's medium model: 2x650, dropout 0.5, 35 steps, lr 1 (--lr 35,
 #                     clip 5 -> 0.143) divided by 1.2 every epoch after the 6th, 39 epochs
 #             smoke : 2x32 LSTM, Adam, 100 updates (what CI runs)                  [cpu]
+#             Every preset trains on the GPU when torch sees one, else on the CPU.
 #   VARIANTS  space-separated runs                                          [preset's list]
 #               dense            fairseq's dense tables (same code, --rshare-tables none)
 #               rshare-R         input and output tables random-shared at ratio R of dense
@@ -72,8 +73,7 @@ case $PRESET in
 esac
 VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
 # fairseq 0.12 silently drops a last batch whose size is not a multiple of 8 (fairseq #5036).
-COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --task stateful_lm"
-[ "$PRESET" = gpu ] || COMMON="$COMMON --cpu"
+COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --task stateful_lm $(device_flags)"
 
 require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
 # model_flags VARIANT: the flags of its last suffixes -hN, -dropP and -poollrS (nothing without them).

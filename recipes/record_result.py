@@ -82,6 +82,14 @@ def git_revision():
         return "unknown"
 
 
+def machine():
+    """The processor, CPU count, torch version and the GPU where there is one."""
+    where = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        where += f", {torch.cuda.get_device_name()}"
+    return where
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="the results JSON to write")
@@ -125,7 +133,7 @@ def main(argv=None):
         "command": command,
         "git_revision": git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": machine(),
     }
     temporary = args.out + ".partial"
     with open(temporary, "w") as f:

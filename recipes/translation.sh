@@ -21,6 +21,7 @@
 #             gpu   : transformer_iwslt_de_en (fairseq's IWSLT14 setup), 50 epochs, last 5 averaged
 #             smoke : a tiny transformer, 2 epochs (about 230 updates on Multi30k), both
 #                     averaged (what CI runs)                                 [cpu]
+#             Every preset trains on the GPU when torch sees one, else on the CPU.
 #   VARIANTS  space-separated runs                                          [dense rshare-0.1]
 #               dense          fairseq's dense table (same code, --rshare-tables none)
 #               rshare-R       the one shared table random-shared at ratio R of dense
@@ -94,8 +95,7 @@ TRAINING="--criterion label_smoothed_cross_entropy --label-smoothing 0.1
           --optimizer adam --adam-betas (0.9,0.98) --lr-scheduler inverse_sqrt --weight-decay 0.0001
           --clip-norm 0.0"
 # fairseq 0.12 silently drops a last batch whose size is not a multiple of 8 (fairseq #5036).
-COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1"
-[ "$PRESET" = gpu ] || COMMON="$COMMON --cpu"
+COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 $(device_flags)"
 
 require_tools fairseq-preprocess fairseq-train fairseq-generate sacrebleu python3
 require_modules sentencepiece

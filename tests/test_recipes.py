@@ -209,6 +209,8 @@ def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
             assert flag in rshare["command"]
         assert rshare["params"]["body"] > 3 * results["dense"]["params"]["body"]
     assert "--criterion rshare_cross_entropy" in rshare["command"]
+    # the device follows the machine: --cpu exactly where torch sees no GPU
+    assert (" --cpu " in rshare["command"]) == (not torch.cuda.is_available())
     table = tabulate(tmp_path / "work/results", tmp_path)
     assert f"| {corpus} | smoke | {variants[1]} | test ppl | {rshare['test_ppl']:.2f} |" in table
 
