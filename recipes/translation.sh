@@ -28,7 +28,7 @@
 #               rshare-R-freq  frequency aware: the R*V/2 most frequent subwords keep private
 #                              sub-vectors, the rest share the other half
 #             and the other suffixes of recipes/common.sh (-bias, -scale, -inR, -outR, -kN,
-#             -stdS); a last
+#             -stdS), and last
 #               -untied        three tables (encoder input, decoder input, output) instead of
 #                              one shared by all (--share-all-embeddings); -input then works
 #   VOCAB     joint sentencepiece vocabulary size              [8000; gpu 10000; smoke 2000]
