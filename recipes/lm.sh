@@ -30,6 +30,7 @@
 #               -scale           a trained scale per word and sub-vector (--rshare-word-scale)
 #               -inR, -outR      the input tables', or the output table's, own ratio R
 #               -kN              N sub-vectors a word (--rshare-subvectors N)
+#               -stdS            the pools' initial standard deviation S (--rshare-init-std S)
 #             and last, any of them in this order (e.g. dense-h100, dense-drop0.3,
 #             rshare-0.45-bias-h320-drop0.3, rshare-0.1-bias-poollr2):
 #               -hN              embedding, LSTM and output size N instead of the preset's
