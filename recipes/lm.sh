@@ -32,7 +32,9 @@
 #               -kN              N sub-vectors a word (--rshare-subvectors N)
 #               -stdS            the pools' initial standard deviation S (--rshare-init-std S)
 #             and last, any of them in this order (e.g. dense-h100, dense-drop0.3,
-#             rshare-0.45-bias-h320-drop0.3, rshare-0.1-bias-poollr2):
+#             rshare-0.45-bias-h320-drop0.3, rshare-0.1-bias-poollr2, rshare-0.2-bias-tied):
+#               -tied            one table for the input and the output layer
+#                                (--share-decoder-input-output-embed; rshare-R: R of one table)
 #               -hN              embedding, LSTM and output size N instead of the preset's
 #               -dropP           dropout P instead of the preset's
 #               -poollrS         the pools' learning rate S x the preset's (--pool-lr-scale S)
@@ -77,24 +79,28 @@ VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
 COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --task stateful_lm $(device_flags)"
 
 require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
-# model_flags VARIANT: the flags of its last suffixes -hN, -dropP and -poollrS (nothing without them).
+# model_flags VARIANT: the flags of its last suffixes -tied, -hN, -dropP and -poollrS (nothing
+# without them).
 model_flags() {
   local rest=$1 flags=
   if [[ $rest =~ ^(.*)-poollr([0-9]*\.?[0-9]+)$ ]]; then rest=${BASH_REMATCH[1]}; flags="--pool-lr-scale ${BASH_REMATCH[2]}"; fi
   if [[ $rest =~ ^(.*)-drop(0?\.[0-9]+)$ ]]; then rest=${BASH_REMATCH[1]}; flags="--dropout ${BASH_REMATCH[2]} $flags"; fi
   if [[ $rest =~ ^(.*)-h([0-9]+)$ ]]; then
     local n=${BASH_REMATCH[2]}
+    rest=${BASH_REMATCH[1]}
     flags="--decoder-embed-dim $n --decoder-hidden-size $n --decoder-out-embed-dim $n $flags"
   fi
+  if [[ $rest =~ -tied$ ]]; then flags="--share-decoder-input-output-embed $flags"; fi
   echo "$flags"
 }
-# table_variant VARIANT: the name without its last -hN, -dropP and -poollrS, for variant_flags
-# (which refuses anything else left over).
+# table_variant VARIANT: the name without its last -tied, -hN, -dropP and -poollrS, for
+# variant_flags (which refuses anything else left over).
 table_variant() {
   local rest=$1
   [[ $rest =~ ^(.*)-poollr[0-9]*\.?[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
   [[ $rest =~ ^(.*)-drop0?\.[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
   [[ $rest =~ ^(.*)-h[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
+  [[ $rest =~ ^(.*)-tied$ ]] && rest=${BASH_REMATCH[1]}
   echo "$rest"
 }
 for variant in $VARIANTS; do variant_flags "$(table_variant "$variant")" 0 >/dev/null; done
