@@ -80,17 +80,17 @@ COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --ta
 
 require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
 # model_flags VARIANT: the flags of its last suffixes -tied, -hN, -dropP and -poollrS (nothing
-# without them).
+# without them), those table_variant strips.
 model_flags() {
-  local rest=$1 flags=
-  if [[ $rest =~ ^(.*)-poollr([0-9]*\.?[0-9]+)$ ]]; then rest=${BASH_REMATCH[1]}; flags="--pool-lr-scale ${BASH_REMATCH[2]}"; fi
-  if [[ $rest =~ ^(.*)-drop(0?\.[0-9]+)$ ]]; then rest=${BASH_REMATCH[1]}; flags="--dropout ${BASH_REMATCH[2]} $flags"; fi
-  if [[ $rest =~ ^(.*)-h([0-9]+)$ ]]; then
-    local n=${BASH_REMATCH[2]}
-    rest=${BASH_REMATCH[1]}
-    flags="--decoder-embed-dim $n --decoder-hidden-size $n --decoder-out-embed-dim $n $flags"
-  fi
-  if [[ $rest =~ -tied$ ]]; then flags="--share-decoder-input-output-embed $flags"; fi
+  local suffixes=${1#"$(table_variant "$1")"} suffix flags=
+  for suffix in ${suffixes//-/ }; do
+    case $suffix in
+      tied) flags="$flags --share-decoder-input-output-embed" ;;
+      h*) flags="$flags --decoder-embed-dim ${suffix#h} --decoder-hidden-size ${suffix#h} --decoder-out-embed-dim ${suffix#h}" ;;
+      drop*) flags="$flags --dropout ${suffix#drop}" ;;
+      poollr*) flags="$flags --pool-lr-scale ${suffix#poollr}" ;;
+    esac
+  done
   echo "$flags"
 }
 # table_variant VARIANT: the name without its last -tied, -hN, -dropP and -poollrS, for
