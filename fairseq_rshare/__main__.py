@@ -11,7 +11,8 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 parser = argparse.ArgumentParser(
     prog="python -m fairseq_rshare",
     description="Flags that every rshare architecture adds to fairseq-train "
-    "(rshare_lstm_lm, rshare_lstm_lm_ptb_small, rshare_lstm, rshare_transformer_lm, "
+    "(rshare_lstm_lm, rshare_lstm_lm_ptb_small, rshare_lstm_lm_ptb_slim, rshare_lstm_lm_ptb_tied, "
+    "rshare_lstm, rshare_transformer_lm, "
     "rshare_transformer, rshare_transformer_iwslt_de_en).",
 )
 gen_parser_from_dataclass(parser, RShareConfig())

@@ -150,10 +150,14 @@ def test_needs_an_lstm_a_batch_size_and_pools_to_scale(lm_data, tmp_path):
     assert result.returncode and "--pool-lr-scale needs rshare tables" in result.stderr
 
 
-def test_ptb_slim_arch_is_the_measured_same_budget_model(tmp_path):
-    """rshare_lstm_lm_ptb_slim, parsed as fairseq-train parses it, builds the model of the
-    recorded PTB run that took its flags one by one: the same parameters, table by table."""
-    recorded = json.load(open(os.path.join(RESULTS, "ptb-stateful-cpu", "rshare-0.45-bias-h320-drop0.3.json")))
+@pytest.mark.parametrize("arch, recorded_run, dropout, tied", [
+    ("rshare_lstm_lm_ptb_slim", "rshare-0.45-bias-h320-drop0.3", 0.3, False),
+    ("rshare_lstm_lm_ptb_tied", "rshare-0.2-bias-tied", 0.0, True),
+])
+def test_named_ptb_arch_is_the_measured_model(arch, recorded_run, dropout, tied, tmp_path):
+    """A named PTB arch, parsed as fairseq-train parses it, builds the model of the recorded
+    PTB run that took its flags one by one: the same parameters, table by table."""
+    recorded = json.load(open(os.path.join(RESULTS, "ptb-stateful-cpu", f"{recorded_run}.json")))
     dictionary = Dictionary()  # as fairseq-preprocess builds it from PTB's training text
     with open(os.path.join(shared_corpus("ptb"), "train.txt")) as train:
         for line in train:
@@ -162,10 +166,13 @@ def test_ptb_slim_arch_is_the_measured_same_budget_model(tmp_path):
     dictionary.save(str(tmp_path / "dict.txt"))
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [str(tmp_path), "--user-dir", USER_DIR, "--task", "stateful_lm",
-                                                "--arch", "rshare_lstm_lm_ptb_slim", "--batch-size", "20"])
+                                                "--arch", arch, "--batch-size", "20"])
     model = tasks.setup_task(args).build_model(args)
     decoder = model.decoder
-    assert sum(p.numel() for p in decoder.embed_tokens.parameters()) == recorded["params"]["input"]
-    assert sum(p.numel() for p in decoder.output_projection.parameters()) == recorded["params"]["output"]
+    input_params = {id(p): p for p in decoder.embed_tokens.parameters()}
+    output_params = [p for p in decoder.output_projection.parameters() if id(p) not in input_params]
+    assert sum(p.numel() for p in input_params.values()) == recorded["params"]["input"]
+    assert sum(p.numel() for p in output_params) == recorded["params"]["output"]
     assert sum(p.numel() for p in model.parameters()) == sum(recorded["params"].values())
-    assert decoder.dropout_out_module.p == 0.3 and decoder.output_projection.bias is not None
+    assert (decoder.output_projection.table is decoder.embed_tokens) == tied
+    assert decoder.dropout_out_module.p == dropout and decoder.output_projection.bias is not None

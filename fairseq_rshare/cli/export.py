@@ -25,6 +25,7 @@ PARENT_ARCHS = {
     "rshare_lstm_lm": "lstm_lm",
     "rshare_lstm_lm_ptb_small": "lstm_lm",
     "rshare_lstm_lm_ptb_slim": "lstm_lm",
+    "rshare_lstm_lm_ptb_tied": "lstm_lm",
     "rshare_lstm": "lstm",
     "rshare_transformer": "transformer",
     "rshare_transformer_iwslt_de_en": "transformer_iwslt_de_en",
