@@ -152,7 +152,7 @@ def test_needs_an_lstm_a_batch_size_and_pools_to_scale(lm_data, tmp_path):
 
 @pytest.mark.parametrize("arch, recorded_run, dropout, tied", [
     ("rshare_lstm_lm_ptb_slim", "rshare-0.45-bias-h320-drop0.3", 0.3, False),
-    ("rshare_lstm_lm_ptb_tied", "rshare-0.2-bias-tied", 0.0, True),
+    ("rshare_lstm_lm_ptb_tied", "rshare-0.15-bias-scale-tied", 0.0, True),
 ])
 def test_named_ptb_arch_is_the_measured_model(arch, recorded_run, dropout, tied, tmp_path):
     """A named PTB arch, parsed as fairseq-train parses it, builds the model of the recorded

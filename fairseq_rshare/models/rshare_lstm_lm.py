@@ -165,11 +165,13 @@ def rshare_lstm_lm_ptb_slim(args):
 @register_model_architecture("rshare_lstm_lm", "rshare_lstm_lm_ptb_tied")
 def rshare_lstm_lm_ptb_tied(args):
     """The best rshare PTB model measured at 10 % of dense's embedding+softmax parameters: the
-    small model (2x200) with one random-shared table at 20 % of a dense table serving the input
-    and the output layer, and an output bias (410,408 parameters against dense's 4,013,208;
-    recipes/README.md). Tying is what the arch is (the parent's flag defaults to False, so an
-    unset flag cannot be told from an explicit one); for untied tables use the small model."""
+    small model (2x200) with one random-shared table at 15 % of a dense table serving the input
+    and the output layer, a trained scale per word and sub-vector, and an output bias (390,272
+    parameters against dense's 4,013,208; recipes/README.md). Tying is what the arch is (the
+    parent's flag defaults to False, so an unset flag cannot be told from an explicit one); for
+    untied tables use the small model."""
     args.share_decoder_input_output_embed = True
-    args.rshare_ratio = getattr(args, "rshare_ratio", 0.2)
+    args.rshare_ratio = getattr(args, "rshare_ratio", 0.15)
+    args.rshare_word_scale = getattr(args, "rshare_word_scale", True)
     args.rshare_output_bias = getattr(args, "rshare_output_bias", True)
     rshare_lstm_lm_ptb_small(args)
