@@ -3,7 +3,9 @@
 Each (corpus, preset) group is compared with its dense run: the table gives every run's
 embedding+softmax parameters as a fraction of dense and its metric's change from dense; the
 plot shows perplexity or BLEU against embedding+softmax parameters (top row) and against all
-parameters (bottom row: the same-budget comparison), one column per group.
+parameters (bottom row: the same-budget comparison), one column per group. A line joins the dense
+runs, and another the rshare runs, that beat every run of their kind with no more parameters: the
+best model of each kind at each budget.
 """
 import argparse
 import glob
@@ -75,6 +77,17 @@ def total_params(run):
     return sum(run["params"].values())
 
 
+def best_at_budget(runs, params_of, metric):
+    """The runs better than every run with no more parameters, by parameters; a tie in parameters
+    keeps the better run."""
+    sign = 1 if metric == "test_bleu" else -1  # BLEU: higher is better; perplexity: lower
+    curve = []
+    for run in sorted(runs, key=lambda r: (params_of(r), -sign * r[metric])):
+        if not curve or sign * (run[metric] - curve[-1][metric]) > 0:
+            curve.append(run)
+    return curve
+
+
 def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -87,11 +100,16 @@ def plot(results, path):
         for axis, params_of, label in ((axes[0][column], lambda r: r["embedding_softmax_params"],
                                         "embedding + softmax parameters"),
                                        (axes[1][column], total_params, "all parameters (same budget)")):
-            for run in runs:
-                dense = run["variant"].startswith("dense")
-                x = params_of(run)
-                axis.scatter(x, run[metric], marker="s" if dense else "o", color="black" if dense else "tab:blue")
-                axis.annotate(run["variant"], (x, run[metric]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for dense, color, marker in ((True, "black", "s"), (False, "tab:blue", "o")):
+                kind = [run for run in runs if run["variant"].startswith("dense") == dense]
+                for run in kind:
+                    x = params_of(run)
+                    axis.scatter(x, run[metric], marker=marker, color=color)
+                    axis.annotate(run["variant"], (x, run[metric]), textcoords="offset points", xytext=(4, 4),
+                                  fontsize=8)
+                curve = best_at_budget(kind, params_of, metric)
+                axis.plot([params_of(run) for run in curve], [run[metric] for run in curve], color=color,
+                          alpha=0.5)
             axis.set_xscale("log")
             axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
             axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k"))
