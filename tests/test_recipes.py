@@ -1,9 +1,9 @@
 """The recipes: IWSLT14 preparation on the real XML files, bad input, and shortened end-to-end runs."""
-import importlib.util
 import json
 import math
 import os
 import re
+import runpy
 import subprocess
 import sys
 
@@ -192,15 +192,13 @@ def tabulate(results_dir, tmp_path):
 
 
 def test_best_at_budget_keeps_the_runs_no_smaller_run_beats():
-    spec = importlib.util.spec_from_file_location("results_table", os.path.join(RECIPES, "results_table.py"))
-    results_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(results_table)
+    best_at_budget = runpy.run_path(os.path.join(RECIPES, "results_table.py"))["best_at_budget"]
     # (name, parameters, perplexity, BLEU): b loses to a, c ties b's size and wins, d loses to c
     runs = [("a", 1, 150.0, 30.0), ("b", 2, 160.0, 29.0), ("c", 2, 140.0, 31.0), ("d", 3, 145.0, 30.5),
             ("e", 4, 120.0, 33.0)]
     runs = [{"variant": name, "size": size, "test_ppl": ppl, "test_bleu": bleu} for name, size, ppl, bleu in runs]
     for metric in ("test_ppl", "test_bleu"):
-        curve = results_table.best_at_budget(runs[::-1], lambda run: run["size"], metric)
+        curve = best_at_budget(runs[::-1], lambda run: run["size"], metric)
         assert [run["variant"] for run in curve] == ["a", "c", "e"], metric
 
 
