@@ -54,7 +54,7 @@ variant_flags() {
 train_variant() {
   local name=$1 run=$2 start
   shift 2
-  rm -f "$WORK/results/$name.json"
+  rm -f "$WORK/results/$(seeded "$name").json"
   if [ -f "$run/checkpoint_last.pt" ]; then
     step "resume $name ($PRESET preset) from $run/checkpoint_last.pt, log: $run/train.log"
   else
@@ -62,7 +62,7 @@ train_variant() {
     rm -rf "$run"
   fi
   mkdir -p "$run"
-  printf '%q ' fairseq-train "$@" --seed 1 --save-dir "$run" ${CHECKPOINTS:---no-epoch-checkpoints} \
+  printf '%q ' fairseq-train "$@" --seed "${SEED:-1}" --save-dir "$run" ${CHECKPOINTS:---no-epoch-checkpoints} \
     --log-format simple --log-interval 50 --no-progress-bar $EXTRA >"$run/train.cmd"
   start=$(date +%s)
   PYTHONUNBUFFERED=1 bash "$run/train.cmd" >>"$run/train.log" 2>&1 \
@@ -72,12 +72,19 @@ train_variant() {
   grep "| valid |" "$run/train.log" | sed 's/.*| valid |/    valid |/' | tail -3
 }
 
+# seeded NAME: NAME for the training seed 1 (SEED unset), else NAME-seedN: the run folder and
+# results file of that seed (the JSON's variant stays NAME; results_table.py averages the seeds).
+seeded() {
+  [[ ${SEED:-1} =~ ^[1-9][0-9]*$ ]] || die "SEED=$SEED: give the training seed as a whole number from 1"
+  if [ "${SEED:-1}" = 1 ]; then echo "$1"; else echo "$1-seed$SEED"; fi
+}
+
 # record_variant NAME RUN_DIR CHECKPOINT METRIC_ARGS...: write $WORK/results/NAME.json
 # (recipes/record_result.py) for the evaluated CHECKPOINT.
 record_variant() {
   local name=$1 run=$2 checkpoint=$3
   shift 3
-  python3 "$HERE/record_result.py" --out "$WORK/results/$name.json" --corpus "$CORPUS" \
+  python3 "$HERE/record_result.py" --out "$WORK/results/$(seeded "$name").json" --corpus "$CORPUS" \
     --preset "$PRESET" --variant "$name" --checkpoint "$checkpoint" \
     --train-log "$run/train.log" --train-seconds "$(cat "$run/train.seconds")" \
     --command-file "$run/train.cmd" "$@"

@@ -40,6 +40,8 @@
 #               -poollrS         the pools' learning rate S x the preset's (--pool-lr-scale S)
 #   WORK      output folder                                                 [work/lm-$CORPUS-$PRESET]
 #   STEPS     any of: prepare train evaluate                                [prepare train evaluate]
+#   SEED      the training seed (fairseq's --seed); runs and results of seed N > 1 are named
+#             VARIANT-seedN                                                   [1]
 #   EXTRA     extra fairseq-train flags, e.g. "--max-update 50"             []
 set -euo pipefail
 
@@ -52,6 +54,7 @@ STEPS=${STEPS:-prepare train evaluate}
 EXTRA=${EXTRA:-}
 
 source "$HERE/common.sh"
+seeded check >/dev/null  # a bad SEED stops here
 INPUT_TABLES=decoder-input
 
 case $PRESET in
@@ -120,7 +123,7 @@ fi
 
 mkdir -p "$WORK/results"
 for variant in $VARIANTS; do
-  run="$WORK/$variant"
+  run="$WORK/$(seeded "$variant")"
   if [[ " $STEPS " == *" train "* ]]; then
     train_variant "$variant" "$run" "$WORK/data-bin" $COMMON $MODEL $SCHEDULE --batch-size-valid 10 \
       $(variant_flags "$(table_variant "$variant")" "$(dictionary_size "$WORK/data-bin/dict.txt")") $(model_flags "$variant")

@@ -44,6 +44,19 @@ def training_speed(train_log):
     return {"words_per_second": round(words_per_second, 1), "updates": updates}
 
 
+def validation_curve(train_log):
+    """[[updates, validation perplexity], ...] of every validation in the log, in order."""
+    with open(train_log) as f:
+        found = re.findall(r"\| valid on .*?\| ppl ([\d.,]+) .*?\| num_updates (\d+)", f.read())
+    return [[int(updates), number(ppl)] for ppl, updates in found]
+
+
+def training_seed(command):
+    """The --seed a fairseq-train command sets (its last one), fairseq's default 1 without one."""
+    found = re.findall(r"--seed[ =](\d+)", command)
+    return int(found[-1]) if found else 1
+
+
 def perplexity(eval_log):
     with open(eval_log) as f:
         text = f.read()
@@ -123,6 +136,7 @@ def main(argv=None):
         "corpus": args.corpus,
         "preset": args.preset,
         "variant": args.variant,
+        "seed": training_seed(command),
         "vocabulary": args.vocabulary,
         **metric,
         "params": params,
@@ -130,6 +144,7 @@ def main(argv=None):
         "checkpoint_bytes": os.path.getsize(args.checkpoint),
         "train_seconds": round(args.train_seconds, 1),
         **training_speed(args.train_log),
+        "valid_curve": validation_curve(args.train_log),
         "command": command,
         "git_revision": git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

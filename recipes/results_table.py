@@ -1,16 +1,23 @@
-"""Turn the recipes' results JSONs into one markdown table and a PNG plot.
+"""Turn the recipes' results JSONs into one markdown table and two figures.
 
-Each (corpus, preset) group is compared with its dense run: the table gives every run's
-embedding+softmax parameters as a fraction of dense and its metric's change from dense; the
-plot shows perplexity or BLEU against embedding+softmax parameters (top row) and against all
-parameters (bottom row: the same-budget comparison), one column per group. A line joins the dense
-runs, and another the rshare runs, that beat every run of their kind with no more parameters: the
-best model of each kind at each budget.
+Runs are grouped by (corpus, preset). The runs of one variant with different seeds (the JSON's
+``seed``, 1 when absent) are one point: their mean, with the lowest and highest as its spread.
+The table gives each point's embedding+softmax parameters as a fraction of dense's, and its
+metric's change from dense. The two figures answer one question each, one panel per group:
+
+- ``--compression-plot``: what compression costs, the metric against the embedding+softmax
+  parameters;
+- ``--budget-plot``: what wins at a budget, the metric against all parameters.
+
+In each panel a line joins the dense points, and another the rshare points, that beat every
+point of their kind with no more parameters (the best model of each kind at each budget); only
+those points are labelled. Error bars are the seed spread.
 """
 import argparse
 import glob
 import json
 import os
+import statistics
 import sys
 
 try:
@@ -40,13 +47,48 @@ def metric_of(result):
     return next(key for key in METRICS if key in result)
 
 
-def groups(results):
-    grouped = {}
+def total_params(run):
+    return sum(run["params"].values())
+
+
+def points(results):
+    """One point per (corpus, preset, variant): the seeds' runs, their mean and spread."""
+    by_variant = {}
     for result in results:
-        grouped.setdefault((result["corpus"], result["preset"]), []).append(result)
-    for runs in grouped.values():
-        runs.sort(key=lambda r: (r["variant"] != "dense", -r["embedding_softmax_params"], r["variant"]))
+        key = (result["corpus"], result["preset"], result["variant"])
+        by_variant.setdefault(key, []).append(result)
+    merged = []
+    for (corpus, preset, variant), runs in by_variant.items():
+        metric = metric_of(runs[0])
+        seeds = sorted(run.get("seed", 1) for run in runs)
+        if len(set(seeds)) != len(seeds):
+            sys.exit(f"results_table: error: {corpus} {preset} {variant} has two results of seed "
+                     f"{next(s for s in seeds if seeds.count(s) > 1)}")
+        if len({total_params(run) for run in runs}) > 1:
+            sys.exit(f"results_table: error: the seeds of {corpus} {preset} {variant} differ in parameters")
+        values = [run[metric] for run in runs]
+        merged.append({
+            **runs[0], "seeds": seeds, metric: statistics.mean(values),
+            "low": min(values), "high": max(values),
+            "words_per_second": statistics.mean(run["words_per_second"] for run in runs),
+            "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
+        })
+    return merged
+
+
+def groups(merged):
+    grouped = {}
+    for point in merged:
+        grouped.setdefault((point["corpus"], point["preset"]), []).append(point)
+    for group in grouped.values():
+        group.sort(key=lambda p: (p["variant"] != "dense", -p["embedding_softmax_params"], p["variant"]))
     return grouped
+
+
+def value_text(point, metric):
+    if len(point["seeds"]) == 1:
+        return f"{point[metric]:.2f}"
+    return f"{point[metric]:.2f} ({point['low']:.2f}–{point['high']:.2f}, {len(point['seeds'])} seeds)"
 
 
 def markdown(results):
@@ -55,26 +97,22 @@ def markdown(results):
         "| other params | total params | checkpoint MB | train words/s | train min |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (corpus, preset), runs in groups(results).items():
-        dense = next((r for r in runs if r["variant"] == "dense"), None)
-        for run in runs:
-            metric = metric_of(run)
+    for (corpus, preset), group in groups(points(results)).items():
+        dense = next((p for p in group if p["variant"] == "dense"), None)
+        for point in group:
+            metric = metric_of(point)
             change = fraction = "–"
             if dense is not None and metric in dense:
-                change = f"{run[metric] - dense[metric]:+.2f}" if metric == "test_bleu" else \
-                    f"{100 * (run[metric] / dense[metric] - 1):+.1f} %"
-                fraction = f"{100 * run['embedding_softmax_params'] / dense['embedding_softmax_params']:.1f} %"
+                change = f"{point[metric] - dense[metric]:+.2f}" if metric == "test_bleu" else \
+                    f"{100 * (point[metric] / dense[metric] - 1):+.1f} %"
+                fraction = f"{100 * point['embedding_softmax_params'] / dense['embedding_softmax_params']:.1f} %"
             lines.append(
-                f"| {corpus} | {preset} | {run['variant']} | {METRICS[metric]} | {run[metric]:.2f} "
-                f"| {change} | {run['embedding_softmax_params']:,} | {fraction} "
-                f"| {run['params']['body']:,} | {total_params(run):,} | {run['checkpoint_bytes'] / 1e6:.1f} "
-                f"| {run['words_per_second']:,.0f} | {run['train_seconds'] / 60:.1f} |"
+                f"| {corpus} | {preset} | {point['variant']} | {METRICS[metric]} | {value_text(point, metric)} "
+                f"| {change} | {point['embedding_softmax_params']:,} | {fraction} "
+                f"| {point['params']['body']:,} | {total_params(point):,} | {point['checkpoint_bytes'] / 1e6:.1f} "
+                f"| {point['words_per_second']:,.0f} | {point['train_seconds'] / 60:.1f} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def total_params(run):
-    return sum(run["params"].values())
 
 
 def best_at_budget(runs, params_of, metric):
@@ -88,54 +126,61 @@ def best_at_budget(runs, params_of, metric):
     return curve
 
 
-def plot(results, path):
+def plot(results, path, params_of, xlabel):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    grouped = groups(results)
-    figure, axes = plt.subplots(2, len(grouped), figsize=(4.5 * len(grouped), 7.6), squeeze=False)
-    for column, ((corpus, preset), runs) in enumerate(grouped.items()):
-        metric = metric_of(runs[0])
-        for axis, params_of, label in ((axes[0][column], lambda r: r["embedding_softmax_params"],
-                                        "embedding + softmax parameters"),
-                                       (axes[1][column], total_params, "all parameters (same budget)")):
-            for dense, color, marker in ((True, "black", "s"), (False, "tab:blue", "o")):
-                kind = [run for run in runs if run["variant"].startswith("dense") == dense]
-                for run in kind:
-                    x = params_of(run)
-                    axis.scatter(x, run[metric], marker=marker, color=color)
-                    axis.annotate(run["variant"], (x, run[metric]), textcoords="offset points", xytext=(4, 4),
-                                  fontsize=8)
-                curve = best_at_budget(kind, params_of, metric)
-                axis.plot([params_of(run) for run in curve], [run[metric] for run in curve], color=color,
-                          alpha=0.5)
-            axis.set_xscale("log")
-            axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-            axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k"))
-            axis.xaxis.set_minor_formatter(NullFormatter())
-            axis.tick_params(axis="x", labelsize=7, labelrotation=30)
-            axis.set_xlabel(label)
-            axis.set_ylabel(METRICS[metric])
-            axis.set_title(f"{corpus} ({preset} preset)")
-            axis.grid(alpha=0.3)
+    grouped = groups(points(results))
+    figure, axes = plt.subplots(1, len(grouped), figsize=(5 * len(grouped), 4.4), squeeze=False)
+    for axis, ((corpus, preset), group) in zip(axes[0], grouped.items()):
+        metric = metric_of(group[0])
+        for dense, color, marker, label in ((True, "black", "s", "dense"), (False, "tab:blue", "o", "rshare")):
+            kind = [point for point in group if point["variant"].startswith("dense") == dense]
+            if not kind:
+                continue
+            x = [params_of(point) for point in kind]
+            y = [point[metric] for point in kind]
+            spread = [[point[metric] - point["low"] for point in kind], [point["high"] - point[metric] for point in kind]]
+            axis.errorbar(x, y, yerr=spread, fmt=marker, color=color, alpha=0.35, markersize=4, capsize=2)
+            curve = best_at_budget(kind, params_of, metric)
+            axis.errorbar([params_of(p) for p in curve], [p[metric] for p in curve],
+                          yerr=[[p[metric] - p["low"] for p in curve], [p["high"] - p[metric] for p in curve]],
+                          fmt=marker + "-", color=color, label=label, markersize=5, capsize=3)
+            for point in curve:
+                axis.annotate(point["variant"], (params_of(point), point[metric]), textcoords="offset points",
+                              xytext=(5, 3 if dense else -9), fontsize=7, color=color)
+        axis.set_xscale("log")
+        axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k"))
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.tick_params(axis="x", labelsize=7, labelrotation=30)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(METRICS[metric] + (" (higher is better)" if metric == "test_bleu" else " (lower is better)"))
+        axis.set_title(f"{corpus} ({preset} preset)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="results JSON files or folders holding them")
     parser.add_argument("--markdown", default="results.md", help="markdown table to write")
-    parser.add_argument("--plot", default="results.png", help="PNG plot to write")
+    parser.add_argument("--compression-plot", default="compression.png",
+                        help="PNG: the metric against embedding+softmax parameters")
+    parser.add_argument("--budget-plot", default="budget.png", help="PNG: the metric against all parameters")
     args = parser.parse_args(argv)
     results = load(args.results)
     table = markdown(results)
     with open(args.markdown, "w") as f:
         f.write(table)
-    plot(results, args.plot)
+    plot(results, args.compression_plot, lambda p: p["embedding_softmax_params"], "embedding + softmax parameters")
+    plot(results, args.budget_plot, total_params, "all parameters")
     print(table)
-    print(f"wrote {args.markdown} and {args.plot}")
+    print(f"wrote {args.markdown}, {args.compression_plot} and {args.budget_plot}")
 
 
 if __name__ == "__main__":

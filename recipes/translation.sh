@@ -38,6 +38,8 @@
 #   BEAM      beam size                                                     [5]
 #   WORK      output folder                                   [work/translation-$CORPUS-$PRESET]
 #   STEPS     any of: prepare train evaluate                                [prepare train evaluate]
+#   SEED      the training seed (fairseq's --seed); runs and results of seed N > 1 are named
+#             VARIANT-seedN                                                   [1]
 #   EXTRA     extra fairseq-train flags, e.g. "--max-update 50"             []
 set -euo pipefail
 
@@ -56,6 +58,7 @@ case $SUBWORDS in bpe | word) ;; *) echo "translation.sh: error: SUBWORDS=$SUBWO
 IWSLT14_URL=${IWSLT14_URL:-http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz}
 
 source "$HERE/common.sh"
+seeded check >/dev/null  # a bad SEED stops here
 INPUT_TABLES=
 
 case $CORPUS in
@@ -161,7 +164,7 @@ fi
 
 mkdir -p "$WORK/results"
 for variant in $VARIANTS; do
-  run="$WORK/$variant"
+  run="$WORK/$(seeded "$variant")"
   if [[ " $STEPS " == *" train "* ]]; then
     train_variant "$variant$VOCAB_SUFFIX" "$run" "$WORK/data-bin" --task translation --source-lang "$SRC" \
       --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE $(tying_flags "$variant") \

@@ -185,9 +185,9 @@ def check_results(results_dir, variants, metric, better_than, checkpoint="checkp
 
 def tabulate(results_dir, tmp_path):
     result = python_script("results_table.py", results_dir, "--markdown", tmp_path / "r.md",
-                           "--plot", tmp_path / "r.png")
+                           "--compression-plot", tmp_path / "c.png", "--budget-plot", tmp_path / "b.png")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
     return (tmp_path / "r.md").read_text()
 
 
@@ -200,6 +200,35 @@ def test_best_at_budget_keeps_the_runs_no_smaller_run_beats():
     for metric in ("test_ppl", "test_bleu"):
         curve = best_at_budget(runs[::-1], lambda run: run["size"], metric)
         assert [run["variant"] for run in curve] == ["a", "c", "e"], metric
+
+
+def test_seeds_of_a_variant_are_one_point_with_their_mean_and_spread():
+    points = runpy.run_path(os.path.join(RECIPES, "results_table.py"))["points"]
+    def run(variant, seed, ppl):
+        return {"corpus": "ptb", "preset": "cpu", "variant": variant, "seed": seed, "test_ppl": ppl,
+                "params": {"input": 10, "output": 10, "body": 5}, "words_per_second": 100.0 * seed,
+                "train_seconds": 60.0}
+    merged = points([run("a", 1, 100.0), run("a", 2, 104.0), run("a", 3, 99.0), run("b", 1, 90.0)])
+    a = next(point for point in merged if point["variant"] == "a")
+    assert a["seeds"] == [1, 2, 3] and a["test_ppl"] == pytest.approx(101.0)
+    assert (a["low"], a["high"], a["words_per_second"]) == (99.0, 104.0, 200.0)
+    b = next(point for point in merged if point["variant"] == "b")
+    assert b["seeds"] == [1] and b["low"] == b["high"] == b["test_ppl"] == 90.0
+    with pytest.raises(SystemExit, match="two results of seed 2"):
+        points([run("a", 2, 100.0), run("a", 2, 101.0)])
+
+
+def test_record_result_reads_the_seed_and_the_validation_curve(tmp_path):
+    record = runpy.run_path(os.path.join(RECIPES, "record_result.py"))
+    log = tmp_path / "train.log"
+    log.write_text(
+        "2026-01-01 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 7.5 | nll_loss 7.5 | "
+        "ppl 185.8 | wps 9000 | wpb 200 | bsz 10 | num_updates 2324\n"
+        "2026-01-01 | INFO | valid | epoch 002 | valid on 'valid' subset | loss 7.1 | nll_loss 7.1 | "
+        "ppl 1,143.7 | wps 9000 | wpb 200 | bsz 10 | num_updates 4648 | best_loss 7.1\n")
+    assert record["validation_curve"](str(log)) == [[2324, 185.8], [4648, 1143.7]]
+    assert record["training_seed"]("fairseq-train data --seed 1 --lr 1 --seed 3") == 3
+    assert record["training_seed"]("fairseq-train data --lr 1") == 1
 
 
 @pytest.mark.slow
