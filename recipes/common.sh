@@ -11,39 +11,12 @@ require_tools() {
   done
 }
 
-# variant_flags NAME WORDS: the --rshare-* flags of a run; WORDS is the dictionary size (for
-# -freq). INPUT_TABLES lists the model's input tables, empty when they are tied to the output.
-# NAME is dense, or rshare-R followed by any of -input, -freq, -bias, -scale, -inR (the input
-# tables' ratio, R the output's), -outR (the output's ratio, R the input's), -kN (N sub-vectors
-# a word) and -stdS (the pools' initial standard deviation). rshare runs train with --criterion
-# rshare_cross_entropy (the same loss, computed from the pool scores when the output layer takes
-# that path); dense runs keep fairseq's own criterion.
+# variant_flags RECIPE WORDS NAME...: the fairseq-train flags of each run NAME of RECIPE (lm or
+# translation), one line each, for a dictionary of WORDS symbols (for -freq); a bad name stops
+# the recipe with one line. The names' grammar is recipes/variants.py
+# (python3 -m recipes.variants --help).
 variant_flags() {
-  local name=$1 words=$2 ratio suffix flags
-  if [ "$name" = dense ]; then echo "--rshare-tables none"; return; fi
-  IFS=- read -r -a parts <<<"$name"
-  ratio=${parts[1]:-}
-  [ "${parts[0]}" = rshare ] && [[ $ratio =~ ^0?\.[0-9]+$ ]] \
-    || die "variant '$name': use dense, or rshare-R with 0 < R < 1 and any of -input, -freq, -bias, -scale, -inR, -outR, -kN, -stdS"
-  flags="--rshare-ratio $ratio --criterion rshare_cross_entropy"
-  for suffix in "${parts[@]:2}"; do
-    case $suffix in
-      input)
-        [ -n "$INPUT_TABLES" ] || die "variant '$name': -input needs untied tables (translation.sh: end the name with -untied)"
-        flags="$flags --rshare-tables $INPUT_TABLES" ;;
-      freq) flags="$flags --rshare-frequent-words $(awk "BEGIN { print int($ratio * $words / 2) }")" ;;
-      bias) flags="$flags --rshare-output-bias" ;;
-      scale) flags="$flags --rshare-word-scale" ;;
-      in0.*|in.*) flags="$flags --rshare-input-ratio ${suffix#in}" ;;
-      out0.*|out.*) flags="$flags --rshare-output-ratio ${suffix#out}" ;;
-      k[1-9]*)
-        [[ ${suffix#k} =~ ^[1-9][0-9]*$ ]] || die "variant '$name': -$suffix: give the sub-vectors a word as -kN, N a whole number"
-        flags="$flags --rshare-subvectors ${suffix#k}" ;;
-      std0.*|std.*) flags="$flags --rshare-init-std ${suffix#std}" ;;
-      *) die "variant '$name': unknown suffix '$suffix' (use -input, -freq, -bias, -scale, -inR, -outR, -kN or -stdS)" ;;
-    esac
-  done
-  echo "$flags"
+  PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" python3 -m recipes.variants "$1" --words "$2" "${@:3}" || exit 1
 }
 
 # train_variant NAME RUN_DIR FAIRSEQ_TRAIN_ARGS...: train one run into RUN_DIR (no epoch

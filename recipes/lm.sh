@@ -19,25 +19,10 @@
 #                     clip 5 -> 0.143) divided by 1.2 every epoch after the 6th, 39 epochs
 #             smoke : 2x32 LSTM, Adam, 100 updates (what CI runs)                  [cpu]
 #             Every preset trains on the GPU when torch sees one, else on the CPU.
-#   VARIANTS  space-separated runs                                          [preset's list]
-#               dense            fairseq's dense tables (same code, --rshare-tables none)
-#               rshare-R         input and output tables random-shared at ratio R of dense
-#             and suffixes, any of (e.g. rshare-0.1-bias, rshare-0.01-input):
-#               -input           the input table only (the output layer stays dense)
-#               -freq            frequency aware: the R*V/2 most frequent words keep private
-#                                sub-vectors, the rest share the other half
-#               -bias            a per-word bias in the random-shared output layer
-#               -scale           a trained scale per word and sub-vector (--rshare-word-scale)
-#               -inR, -outR      the input tables', or the output table's, own ratio R
-#               -kN              N sub-vectors a word (--rshare-subvectors N)
-#               -stdS            the pools' initial standard deviation S (--rshare-init-std S)
-#             and last, any of them in this order (e.g. dense-h100, dense-drop0.3,
-#             rshare-0.45-bias-h320-drop0.3, rshare-0.1-bias-poollr2, rshare-0.2-bias-tied):
-#               -tied            one table for the input and the output layer
-#                                (--share-decoder-input-output-embed; rshare-R: R of one table)
-#               -hN              embedding, LSTM and output size N instead of the preset's
-#               -dropP           dropout P instead of the preset's
-#               -poollrS         the pools' learning rate S x the preset's (--pool-lr-scale S)
+#   VARIANTS  space-separated run names                                    [preset's list]
+#             dense, or rshare-R (every table at ratio R of dense) and suffixes, e.g.
+#             rshare-0.1-bias, rshare-0.01-input, rshare-0.45-bias-h320-drop0.3; the grammar:
+#             python3 -m recipes.variants --help
 #   WORK      output folder                                                 [work/lm-$CORPUS-$PRESET]
 #   STEPS     any of: prepare train evaluate                                [prepare train evaluate]
 #   SEED      the training seed (fairseq's --seed); runs and results of seed N > 1 are named
@@ -55,7 +40,6 @@ EXTRA=${EXTRA:-}
 
 source "$HERE/common.sh"
 seeded check >/dev/null  # a bad SEED stops here
-INPUT_TABLES=decoder-input
 
 case $PRESET in
   cpu)
@@ -82,31 +66,7 @@ VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
 COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --task stateful_lm $(device_flags)"
 
 require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
-# model_flags VARIANT: the flags of its last suffixes -tied, -hN, -dropP and -poollrS (nothing
-# without them), those table_variant strips.
-model_flags() {
-  local suffixes=${1#"$(table_variant "$1")"} suffix flags=
-  for suffix in ${suffixes//-/ }; do
-    case $suffix in
-      tied) flags="$flags --share-decoder-input-output-embed" ;;
-      h*) flags="$flags --decoder-embed-dim ${suffix#h} --decoder-hidden-size ${suffix#h} --decoder-out-embed-dim ${suffix#h}" ;;
-      drop*) flags="$flags --dropout ${suffix#drop}" ;;
-      poollr*) flags="$flags --pool-lr-scale ${suffix#poollr}" ;;
-    esac
-  done
-  echo "$flags"
-}
-# table_variant VARIANT: the name without its last -tied, -hN, -dropP and -poollrS, for
-# variant_flags (which refuses anything else left over).
-table_variant() {
-  local rest=$1
-  [[ $rest =~ ^(.*)-poollr[0-9]*\.?[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
-  [[ $rest =~ ^(.*)-drop0?\.[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
-  [[ $rest =~ ^(.*)-h[0-9]+$ ]] && rest=${BASH_REMATCH[1]}
-  [[ $rest =~ ^(.*)-tied$ ]] && rest=${BASH_REMATCH[1]}
-  echo "$rest"
-}
-for variant in $VARIANTS; do variant_flags "$(table_variant "$variant")" 0 >/dev/null; done
+variant_flags lm 0 $VARIANTS >/dev/null
 
 if [[ " $STEPS " == *" prepare "* ]]; then
   for split in train valid test; do
@@ -126,7 +86,7 @@ for variant in $VARIANTS; do
   run="$WORK/$(seeded "$variant")"
   if [[ " $STEPS " == *" train "* ]]; then
     train_variant "$variant" "$run" "$WORK/data-bin" $COMMON $MODEL $SCHEDULE --batch-size-valid 10 \
-      $(variant_flags "$(table_variant "$variant")" "$(dictionary_size "$WORK/data-bin/dict.txt")") $(model_flags "$variant")
+      $(variant_flags lm "$(dictionary_size "$WORK/data-bin/dict.txt")" "$variant")
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_best.pt" ] || die "$run/checkpoint_best.pt is missing: run the train step first"

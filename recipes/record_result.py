@@ -14,10 +14,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from fairseq_rshare.checkpoints import parameters_by_component  # noqa: E402
-from fairseq_rshare.tools import eval_lm_perplexity  # noqa: E402
-from fairseq_rshare.tools import training_speed as words_per_second_of_run  # noqa: E402
+from fairseq_rshare.checkpoints import parameters_by_component
+from fairseq_rshare.tools import eval_lm_perplexity
+from fairseq_rshare.tools import training_speed as words_per_second_of_run
 
 
 def fail(message):

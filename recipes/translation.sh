@@ -22,15 +22,11 @@
 #             smoke : a tiny transformer, 2 epochs (about 230 updates on Multi30k), both
 #                     averaged (what CI runs)                                 [cpu]
 #             Every preset trains on the GPU when torch sees one, else on the CPU.
-#   VARIANTS  space-separated runs                                          [dense rshare-0.1]
-#               dense          fairseq's dense table (same code, --rshare-tables none)
-#               rshare-R       the one shared table random-shared at ratio R of dense
-#               rshare-R-freq  frequency aware: the R*V/2 most frequent subwords keep private
-#                              sub-vectors, the rest share the other half
-#             and the other suffixes of recipes/common.sh (-bias, -scale, -inR, -outR, -kN,
-#             -stdS), and last
-#               -untied        three tables (encoder input, decoder input, output) instead of
-#                              one shared by all (--share-all-embeddings); -input then works
+#   VARIANTS  space-separated run names                                    [dense rshare-0.1]
+#             dense, or rshare-R (the one table shared by encoder input, decoder input and
+#             output, at ratio R of dense) and suffixes, e.g. rshare-0.1-freq; a last -untied
+#             trains three tables instead (then -input works); the grammar:
+#             python3 -m recipes.variants --help
 #   VOCAB     joint sentencepiece vocabulary size              [8000; gpu 10000; smoke 2000]
 #             (results of another size, or of SUBWORDS=word, are named after it: dense-bpe2000)
 #   SUBWORDS  bpe (joint subwords) or word (a word-level vocabulary of at most VOCAB
@@ -59,7 +55,6 @@ IWSLT14_URL=${IWSLT14_URL:-http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de
 
 source "$HERE/common.sh"
 seeded check >/dev/null  # a bad SEED stops here
-INPUT_TABLES=
 
 case $CORPUS in
   multi30k) DATA=${DATA:-$(fetch_corpus multi30k)} ;;
@@ -102,13 +97,7 @@ COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 $(de
 
 require_tools fairseq-preprocess fairseq-train fairseq-generate sacrebleu python3
 require_modules sentencepiece
-# tying VARIANT: one table for all (--share-all-embeddings), or three with a last -untied; sets
-# INPUT_TABLES for variant_flags accordingly.
-tying() {
-  if [[ $1 == *-untied ]]; then INPUT_TABLES=encoder-input,decoder-input; else INPUT_TABLES=; fi
-}
-tying_flags() { [[ $1 == *-untied ]] || echo "--share-all-embeddings"; }
-for variant in $VARIANTS; do tying "$variant"; variant_flags "${variant%-untied}" 0 >/dev/null; done
+variant_flags translation 0 $VARIANTS >/dev/null
 
 prepare_text() {
   local text=$WORK/text
@@ -167,8 +156,8 @@ for variant in $VARIANTS; do
   run="$WORK/$(seeded "$variant")"
   if [[ " $STEPS " == *" train "* ]]; then
     train_variant "$variant$VOCAB_SUFFIX" "$run" "$WORK/data-bin" --task translation --source-lang "$SRC" \
-      --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE $(tying_flags "$variant") \
-      $(tying "$variant"; variant_flags "${variant%-untied}" "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")")
+      --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE \
+      $(variant_flags translation "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")" "$variant")
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_last.pt" ] || die "$run/checkpoint_last.pt is missing: run the train step first"

@@ -3,7 +3,6 @@ import json
 import math
 import os
 import re
-import runpy
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch
 
 from conftest import REPO, shared_corpus
 from fairseq_rshare.tools import environment_with_tools
+from recipes import record_result, results_table, variants
 
 RECIPES = os.path.join(REPO, "recipes")
 MARKUP = re.compile(r"</?(seg|doc|url|talkid|keywords|speaker|title|description|refset|srcset)\b|&(amp|lt|gt|quot);")
@@ -107,8 +107,9 @@ def small_lm_corpus(folder, splits=("train", "valid", "test")):
         ({"DATA": "/nonexistent"}, "DATA=/nonexistent has no train.txt"),
         ({"PRESET": "tpu"}, "PRESET=tpu: use cpu, gpu or smoke"),
         ({"VARIANTS": "rshare-2"}, "variant 'rshare-2'"),
-        ({"VARIANTS": "rshare-0.1-output"}, "unknown suffix 'output'"),
-        ({"VARIANTS": "rshare-0.1-k4x"}, "-k4x: give the sub-vectors a word as -kN"),
+        ({"VARIANTS": "rshare-0.1-output"}, "unknown suffix '-output'"),
+        ({"VARIANTS": "rshare-0.1-k4x"}, "unknown suffix '-k4x'"),
+        ({"SEED": "x"}, "SEED=x: give the training seed as a whole number"),
     ],
 )
 def test_lm_recipe_bad_input_stops_with_one_message(tmp_path, variables, message):
@@ -191,8 +192,51 @@ def tabulate(results_dir, tmp_path):
     return (tmp_path / "r.md").read_text()
 
 
+@pytest.mark.parametrize("recipe,name,flags", [
+    ("lm", "dense", "--rshare-tables none"),
+    ("lm", "rshare-0.1-freq-bias-k25", "--rshare-ratio 0.1 --criterion rshare_cross_entropy "
+     "--rshare-frequent-words 500 --rshare-output-bias --rshare-subvectors 25"),
+    ("lm", "rshare-0.01-input-in0.02-out0.3-std0.2-scale", "--rshare-ratio 0.01 --criterion rshare_cross_entropy "
+     "--rshare-tables decoder-input --rshare-input-ratio 0.02 --rshare-output-ratio 0.3 --rshare-init-std 0.2 "
+     "--rshare-word-scale"),
+    ("lm", "dense-tied-h150-drop0.3", "--rshare-tables none --share-decoder-input-output-embed "
+     "--decoder-embed-dim 150 --decoder-hidden-size 150 --decoder-out-embed-dim 150 --dropout 0.3"),
+    ("lm", "rshare-0.1-bias-poollr2", "--rshare-ratio 0.1 --criterion rshare_cross_entropy --rshare-output-bias "
+     "--pool-lr-scale 2"),
+    ("translation", "dense", "--rshare-tables none --share-all-embeddings"),
+    ("translation", "rshare-0.1-freq", "--rshare-ratio 0.1 --criterion rshare_cross_entropy --share-all-embeddings "
+     "--rshare-frequent-words 500"),
+    ("translation", "rshare-0.1-input-untied", "--rshare-ratio 0.1 --criterion rshare_cross_entropy "
+     "--rshare-tables encoder-input,decoder-input"),
+])
+def test_run_names_give_their_flags(recipe, name, flags):
+    assert variants.flags(recipe, name, words=10_000) == flags
+
+
+@pytest.mark.parametrize("recipe,name,message", [
+    ("lm", "rshare-1.5", "rshare takes a ratio R with 0 < R < 1"),
+    ("lm", "sparse", "start it with dense or rshare-R"),
+    ("lm", "dense-bias", "-bias needs an rshare base"),
+    ("lm", "rshare-0.1-bias-bias", "-bias appears twice"),
+    ("lm", "rshare-0.1-untied", "unknown suffix '-untied' for lm.sh"),
+    ("translation", "rshare-0.1-h200", "unknown suffix '-h200' for translation.sh"),
+    ("translation", "rshare-0.1-input", "-input needs untied tables"),
+])
+def test_a_bad_run_name_says_what_is_wrong(recipe, name, message):
+    with pytest.raises(variants.VariantError, match=message):
+        variants.flags(recipe, name)
+
+
+def test_the_grammar_is_printed_by_help():
+    result = subprocess.run([sys.executable, "-m", "recipes.variants", "--help"], capture_output=True, text=True,
+                            cwd=REPO)
+    assert result.returncode == 0
+    for suffix in variants.SUFFIXES:
+        assert suffix.name in result.stdout
+
+
 def test_best_at_budget_keeps_the_runs_no_smaller_run_beats():
-    best_at_budget = runpy.run_path(os.path.join(RECIPES, "results_table.py"))["best_at_budget"]
+    best_at_budget = results_table.best_at_budget
     # (name, parameters, perplexity, BLEU): b loses to a, c ties b's size and wins, d loses to c
     runs = [("a", 1, 150.0, 30.0), ("b", 2, 160.0, 29.0), ("c", 2, 140.0, 31.0), ("d", 3, 145.0, 30.5),
             ("e", 4, 120.0, 33.0)]
@@ -203,7 +247,7 @@ def test_best_at_budget_keeps_the_runs_no_smaller_run_beats():
 
 
 def test_seeds_of_a_variant_are_one_point_with_their_mean_and_spread():
-    points = runpy.run_path(os.path.join(RECIPES, "results_table.py"))["points"]
+    points = results_table.points
     def run(variant, seed, ppl):
         return {"corpus": "ptb", "preset": "cpu", "variant": variant, "seed": seed, "test_ppl": ppl,
                 "params": {"input": 10, "output": 10, "body": 5}, "words_per_second": 100.0 * seed,
@@ -219,16 +263,15 @@ def test_seeds_of_a_variant_are_one_point_with_their_mean_and_spread():
 
 
 def test_record_result_reads_the_seed_and_the_validation_curve(tmp_path):
-    record = runpy.run_path(os.path.join(RECIPES, "record_result.py"))
     log = tmp_path / "train.log"
     log.write_text(
         "2026-01-01 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 7.5 | nll_loss 7.5 | "
         "ppl 185.8 | wps 9000 | wpb 200 | bsz 10 | num_updates 2324\n"
         "2026-01-01 | INFO | valid | epoch 002 | valid on 'valid' subset | loss 7.1 | nll_loss 7.1 | "
         "ppl 1,143.7 | wps 9000 | wpb 200 | bsz 10 | num_updates 4648 | best_loss 7.1\n")
-    assert record["validation_curve"](str(log)) == [[2324, 185.8], [4648, 1143.7]]
-    assert record["training_seed"]("fairseq-train data --seed 1 --lr 1 --seed 3") == 3
-    assert record["training_seed"]("fairseq-train data --lr 1") == 1
+    assert record_result.validation_curve(str(log)) == [[2324, 185.8], [4648, 1143.7]]
+    assert record_result.training_seed("fairseq-train data --seed 1 --lr 1 --seed 3") == 3
+    assert record_result.training_seed("fairseq-train data --lr 1") == 1
 
 
 @pytest.mark.slow
