@@ -83,11 +83,13 @@ require_modules() {
 
 # fetch_corpus NAME: print the folder of corpus NAME for an unset DATA: ../shared/data/NAME (or
 # $RSHARE_DATA/NAME) where it exists, as on CI; otherwise ~/.cache/fairseq-rshare/data/NAME
-# (under $XDG_CACHE_HOME when set), downloaded there and checked by recipes/fetch_data.py.
+# (under $XDG_CACHE_HOME when set), downloaded there and checked by recipes/fetch_data.py, whose
+# progress goes to stderr and whose error ends the recipe's one error line.
 fetch_corpus() {
   local shared=${RSHARE_DATA:-$HERE/../../shared/data}/$1
-  local cache=${XDG_CACHE_HOME:-$HOME/.cache}/fairseq-rshare/data/$1
+  local cache=${XDG_CACHE_HOME:-$HOME/.cache}/fairseq-rshare/data/$1 error
   if [ -d "$shared" ]; then echo "$shared"; return; fi
-  python3 "$HERE/fetch_data.py" "$1" "$cache" >&2 || exit 1
+  { error=$(python3 "$HERE/fetch_data.py" "$1" "$cache" 2>&1 >&3); } 3>&2 \
+    || die "${error#fetch_data.py: error: }; or set DATA to a folder holding the $1 files"
   echo "$cache"
 }
