@@ -15,10 +15,14 @@ stay in cache.  In training, :func:`logsumexp_of_words` computes its gradient in
 pass, keeping each tile's logits (V x 8 floats a thread) between the two; every other
 backward recomputes the logits instead of storing them.  They are compiled
 with ``torch.utils.cpp_extension`` on first use (about a minute, said on stderr) into a folder
-named by :func:`build_key`, then loaded from it; where that fails, or for other dtypes and
-devices, stock PyTorch ops compute the same values.
+named by :func:`build_key`, with a manifest of the library's size and sha256, then loaded from
+it once checked against the manifest; a damaged build is rebuilt.  Where building fails, or for
+other dtypes and devices, stock PyTorch ops compute the same values.
 """
+import contextlib
+import fcntl
 import functools
+import glob
 import hashlib
 import importlib.util
 import json
@@ -26,8 +30,10 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -48,6 +54,7 @@ FUNCTIONS = ["logsumexp_forward", "logsumexp_backward", "logsumexp_forward_backw
 # (LogSumExp starts from -inf).
 CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
+MANIFEST = "manifest.json"  # the library's size and sha256, written after a successful build
 
 _extension = None
 _extension_failed = False
@@ -60,45 +67,113 @@ def compiler_version():
 
 
 def build_inputs():
-    """Everything that changes the compiled binary, here and now."""
+    """Everything that changes the compiled binary, here and now, save the compiler: a finished
+    build is found without one (a cache copied to a machine that has none), and the compiler
+    that made it is recorded in its manifest."""
     return {
         "source": [CPP_SOURCE, FUNCTIONS],
         "flags": [CFLAGS, LDFLAGS],
         "torch": torch.__version__,
         "python": sys.implementation.cache_tag + getattr(sys, "abiflags", ""),
-        "compiler": compiler_version(),
         "machine": platform.machine(),
     }
 
 
 def build_key(inputs):
-    """12 hex digits naming a build of the kernels: one folder per binary, so two toolchains
-    (or torch versions, or source versions) sharing a cache never overwrite each other."""
+    """12 hex digits naming a build of the kernels: one folder per source, flags, torch, python
+    and machine, so builds for any other of these sharing a cache never meet."""
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _load_or_build():
     """Import the kernels from the folder of this build key, building them there first if its
-    library is missing.  A finished build is imported directly, without running ninja: ninja
-    would rebuild whenever another ninja version had written the folder's log."""
-    from torch.utils.cpp_extension import LIB_EXT, get_default_build_root, load_inline
+    library is missing, damaged or does not load.  A finished build is imported directly,
+    without running ninja or the compiler."""
+    from torch.utils.cpp_extension import LIB_EXT, get_default_build_root
 
     name = "fairseq_rshare_fused_" + build_key(build_inputs())
     folder = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), name)
     library = os.path.join(folder, name + LIB_EXT)
-    if os.path.exists(library) and not os.path.exists(os.path.join(folder, "lock")):  # lock: a build in progress
+    module, _ = _load_recorded(name, library)
+    if module is None:
+        os.makedirs(folder, exist_ok=True)
+        with _build_lock(folder):
+            module, problem = _load_recorded(name, library)  # built meanwhile by the process waited for
+            if module is None:
+                module = _build(name, library, problem)
+    return module
+
+
+def _load_recorded(name, library):
+    """(module, None) for the finished build of `library`, else (None, why not).  The library is
+    checked against its manifest first: a truncated one would kill the process when loaded."""
+    if not os.path.exists(library):
+        return None, "not built yet"
+    try:
+        with open(os.path.join(os.path.dirname(library), MANIFEST)) as file:
+            recorded = json.load(file)
+        with open(library, "rb") as file:
+            content = file.read()
+    except (OSError, ValueError) as error:
+        return None, f"{library} has no readable manifest of a finished build ({error})"
+    found = len(content), hashlib.sha256(content).hexdigest()
+    if found != (recorded.get("size"), recorded.get("sha256")):
+        return None, (f"{library} is damaged: {found[0]} bytes of sha256 {found[1][:12]}, its manifest records "
+                      f"{recorded.get('size')} bytes of sha256 {str(recorded.get('sha256'))[:12]}")
+    try:
         spec = importlib.util.spec_from_file_location(name, library)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module
-    print(f"fairseq_rshare: building the fused CPU kernels in {folder} (once per installation, about a minute) ...",
-          file=sys.stderr, flush=True)
+    except ImportError as error:  # built by another toolchain, whose runtime this machine lacks
+        return None, f"the build does not load here ({error})"
+    return module, None
+
+
+@contextlib.contextmanager
+def _build_lock(folder):
+    """Held while building in `folder`: an flock, which the OS releases when its holder dies,
+    however it ends (a lock file left by a killed build would make every later run wait)."""
+    with open(os.path.join(folder, "build.lock"), "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"fairseq_rshare: waiting for another process building the fused CPU kernels in {folder} ...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(file, fcntl.LOCK_EX)
+        yield
+
+
+def _build(name, library, problem):
+    """Compile in a fresh temporary folder, then install the library and its manifest, each
+    written to a temporary name and renamed: a process running the previous library keeps it."""
+    from torch.utils.cpp_extension import load_inline
+
+    folder = os.path.dirname(library)
+    print(f"fairseq_rshare: building the fused CPU kernels in {folder} ({problem}; once per installation, "
+          "about a minute) ...", file=sys.stderr, flush=True)
     started = time.time()
-    os.makedirs(folder, exist_ok=True)
-    module = load_inline(name=name, cpp_sources=[CPP_SOURCE], functions=FUNCTIONS, extra_cflags=CFLAGS,
-                         extra_ldflags=LDFLAGS, build_directory=folder)
+    for leftover in glob.glob(os.path.join(folder, "build-*")):  # of killed or failed builds
+        shutil.rmtree(leftover, ignore_errors=True)
+    build_folder = tempfile.mkdtemp(prefix="build-", dir=folder)
+    module = load_inline(name=name, cpp_sources=[CPP_SOURCE], functions=FUNCTIONS, extra_cflags=list(CFLAGS),
+                         extra_ldflags=list(LDFLAGS), build_directory=build_folder)  # copies: torch appends to them
+    with open(os.path.join(build_folder, os.path.basename(library)), "rb") as file:
+        content = file.read()
+    _write_and_rename(library, content)
+    manifest = {key: value for key, value in build_inputs().items() if key != "source"}
+    manifest.update(compiler=compiler_version(), size=len(content), sha256=hashlib.sha256(content).hexdigest())
+    _write_and_rename(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1).encode())
+    shutil.rmtree(build_folder, ignore_errors=True)
     print(f"fairseq_rshare: fused CPU kernels built in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
     return module
+
+
+def _write_and_rename(path, content):
+    with open(path + ".tmp", "wb") as file:
+        file.write(content)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def extension():
