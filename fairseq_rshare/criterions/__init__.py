@@ -1,2 +1,2 @@
-"""The rshare_cross_entropy criterion."""
-from . import rshare_cross_entropy  # noqa: F401
+"""The rshare_cross_entropy and rshare_distill criteria."""
+from . import rshare_cross_entropy, rshare_distill  # noqa: F401
