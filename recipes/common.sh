@@ -11,12 +11,31 @@ require_tools() {
   done
 }
 
-# variant_flags RECIPE WORDS NAME...: the fairseq-train flags of each run NAME of RECIPE (lm or
-# translation), one line each, for a dictionary of WORDS symbols (for -freq); a bad name stops
-# the recipe with one line. The names' grammar is recipes/variants.py
+# variants PART RECIPE WORDS NAME...: PART of each run NAME of RECIPE (lm or translation), one
+# line each, for a dictionary of WORDS symbols (for -freq) and this WORK: flags (fairseq-train's),
+# compress (fairseq-rshare-compress's arguments), teacher (its checkpoint) or stage; a bad name
+# stops the recipe with one line. The names' grammar is recipes/variants.py
 # (python3 -m recipes.variants --help).
-variant_flags() {
-  PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" python3 -m recipes.variants "$1" --words "$2" "${@:3}" || exit 1
+variants() {
+  PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" python3 -m recipes.variants "$2" --words "$3" \
+    --work "$WORK" --print "$1" "${@:4}" || exit 1
+}
+
+# start_from_teacher RECIPE WORDS NAME RUN_DIR: a run that starts from its teacher (a dense run of
+# the same WORK) needs the teacher's checkpoint; one that starts compressed gets its compressed
+# checkpoint from fairseq-rshare-compress before its training starts (not again on a resume).
+start_from_teacher() {
+  local teacher compress
+  teacher=$(variants teacher "$1" "$2" "$3")
+  [ -z "$teacher" ] && return
+  [ -f "$teacher" ] || die "$3 starts from $teacher, which is missing: train and evaluate its teacher first (VARIANTS=$(basename "$(dirname "$teacher")"))"
+  compress=$(variants compress "$1" "$2" "$3")
+  if [ -n "$compress" ] && [ ! -f "$4/checkpoint_last.pt" ]; then
+    step "compress $teacher for $3, log: $WORK/compressed/$3.log"
+    mkdir -p "$WORK/compressed"
+    fairseq-rshare-compress $compress --data "$WORK/data-bin" >"$WORK/compressed/$3.log" 2>&1 \
+      || die "compressing the teacher of $3 failed: see $WORK/compressed/$3.log"
+  fi
 }
 
 # train_variant NAME RUN_DIR FAIRSEQ_TRAIN_ARGS...: train one run into RUN_DIR (no epoch
@@ -52,15 +71,20 @@ seeded() {
   if [ "${SEED:-1}" = 1 ]; then echo "$1"; else echo "$1-seed$SEED"; fi
 }
 
-# record_variant NAME RUN_DIR CHECKPOINT METRIC_ARGS...: write $WORK/results/NAME.json
-# (recipes/record_result.py) for the evaluated CHECKPOINT.
+# record_variant RECIPE VARIANT NAME RUN_DIR CHECKPOINT METRIC_ARGS...: write
+# $WORK/results/NAME.json (recipes/record_result.py) for the evaluated CHECKPOINT of run VARIANT,
+# with how it started and, for a run that starts from its teacher, the teacher's results.
 record_variant() {
-  local name=$1 run=$2 checkpoint=$3
-  shift 3
+  local recipe=$1 variant=$2 name=$3 run=$4 checkpoint=$5 teacher
+  shift 5
+  teacher=$(variants teacher "$recipe" 0 "$variant")
+  if [ -n "$teacher" ]; then
+    set -- "$@" --teacher-result "$WORK/results/$(basename "$(dirname "$teacher")").json"
+  fi
   python3 "$HERE/record_result.py" --out "$WORK/results/$(seeded "$name").json" --corpus "$CORPUS" \
     --preset "$PRESET" --variant "$name" --checkpoint "$checkpoint" \
     --train-log "$run/train.log" --train-seconds "$(cat "$run/train.seconds")" \
-    --command-file "$run/train.cmd" "$@"
+    --command-file "$run/train.cmd" --stage "$(variants stage "$recipe" 0 "$variant")" "$@"
 }
 
 # device_flags: --cpu unless torch sees a GPU. Every preset runs where it is (the cpu preset's

@@ -66,7 +66,7 @@ VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
 COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 --task stateful_lm $(device_flags)"
 
 require_tools fairseq-preprocess fairseq-train fairseq-eval-lm python3
-variant_flags lm 0 $VARIANTS >/dev/null
+variants flags lm 0 $VARIANTS >/dev/null
 
 if [[ " $STEPS " == *" prepare "* ]]; then
   for split in train valid test; do
@@ -85,8 +85,9 @@ mkdir -p "$WORK/results"
 for variant in $VARIANTS; do
   run="$WORK/$(seeded "$variant")"
   if [[ " $STEPS " == *" train "* ]]; then
+    start_from_teacher lm "$(dictionary_size "$WORK/data-bin/dict.txt")" "$variant" "$run"
     train_variant "$variant" "$run" "$WORK/data-bin" $COMMON $MODEL $SCHEDULE --batch-size-valid 10 \
-      $(variant_flags lm "$(dictionary_size "$WORK/data-bin/dict.txt")" "$variant")
+      $(variants flags lm "$(dictionary_size "$WORK/data-bin/dict.txt")" "$variant")
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_best.pt" ] || die "$run/checkpoint_best.pt is missing: run the train step first"
@@ -94,7 +95,7 @@ for variant in $VARIANTS; do
     # One stream, the state carried over the whole test set (as Zaremba et al. evaluate).
     fairseq-eval-lm "$WORK/data-bin" $COMMON --path "$run/checkpoint_best.pt" --gen-subset test \
       --batch-size 1 --tokens-per-sample 35 >"$run/eval.log" 2>&1 || die "evaluating $variant failed: see $run/eval.log"
-    record_variant "$variant" "$run" "$run/checkpoint_best.pt" --eval-log "$run/eval.log" \
+    record_variant lm "$variant" "$variant" "$run" "$run/checkpoint_best.pt" --eval-log "$run/eval.log" \
       --vocabulary "words, dictionary of $(dictionary_size "$WORK/data-bin/dict.txt")"
   fi
 done

@@ -56,6 +56,18 @@ def training_seed(command):
     return int(found[-1]) if found else 1
 
 
+def teacher_of(teacher_result):
+    """What a run that started from (or distilled) its teacher owes it: the teacher's variant,
+    score, updates and training time."""
+    if teacher_result is None:
+        return {}
+    with open(teacher_result) as f:
+        teacher = json.load(f)
+    score = {key: teacher[key] for key in ("test_ppl", "test_bleu") if key in teacher}
+    return {"teacher": {"variant": teacher["variant"], **score, "updates": teacher["updates"],
+                        "train_seconds": teacher["train_seconds"]}}
+
+
 def perplexity(eval_log):
     with open(eval_log) as f:
         text = f.read()
@@ -115,10 +127,12 @@ def main(argv=None):
     parser.add_argument("--eval-log", help="fairseq-eval-lm log (language models)")
     parser.add_argument("--generate-log", help="fairseq-generate log (translation)")
     parser.add_argument("--sacrebleu-json", help="sacrebleu's JSON output (translation)")
+    parser.add_argument("--stage", default="scratch", help="how the run started (recipes/variants.py's stage)")
+    parser.add_argument("--teacher-result", help="the results JSON of the dense run it started from or distilled")
     parser.add_argument("--vocabulary", required=True, help="what the vocabulary is, in words (recorded as given)")
     args = parser.parse_args(argv)
     for path in (args.checkpoint, args.train_log, args.command_file, args.eval_log,
-                 args.generate_log, args.sacrebleu_json):
+                 args.generate_log, args.sacrebleu_json, args.teacher_result):
         if path is not None and not os.path.isfile(path):
             fail(f"{path} does not exist: did the step that writes it finish?")
 
@@ -145,6 +159,8 @@ def main(argv=None):
         **training_speed(args.train_log),
         "valid_curve": validation_curve(args.train_log),
         "command": command,
+        "stage": args.stage,
+        **teacher_of(args.teacher_result),
         "git_revision": git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),

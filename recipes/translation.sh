@@ -97,7 +97,7 @@ COMMON="--user-dir $HERE/../fairseq_rshare --required-batch-size-multiple 1 $(de
 
 require_tools fairseq-preprocess fairseq-train fairseq-generate sacrebleu python3
 require_modules sentencepiece
-variant_flags translation 0 $VARIANTS >/dev/null
+variants flags translation 0 $VARIANTS >/dev/null
 
 prepare_text() {
   local text=$WORK/text
@@ -155,9 +155,10 @@ mkdir -p "$WORK/results"
 for variant in $VARIANTS; do
   run="$WORK/$(seeded "$variant")"
   if [[ " $STEPS " == *" train "* ]]; then
+    start_from_teacher translation "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")" "$variant" "$run"
     train_variant "$variant$VOCAB_SUFFIX" "$run" "$WORK/data-bin" --task translation --source-lang "$SRC" \
       --target-lang "$TGT" $COMMON $MODEL $TRAINING $SCHEDULE \
-      $(variant_flags translation "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")" "$variant")
+      $(variants flags translation "$(dictionary_size "$WORK/data-bin/dict.$SRC.txt")" "$variant")
   fi
   if [[ " $STEPS " == *" evaluate "* ]]; then
     [ -f "$run/checkpoint_last.pt" ] || die "$run/checkpoint_last.pt is missing: run the train step first"
@@ -173,7 +174,7 @@ for variant in $VARIANTS; do
       || die "$run/test.hyp has $(wc -l <"$run/test.hyp") lines, the reference $(wc -l <"$WORK/text/test.$TGT"): see $run/generate.log"
     sacrebleu "$WORK/text/test.$TGT" -i "$run/test.hyp" -m bleu -w 2 >"$run/sacrebleu.json"
     cat "$run/sacrebleu.json"
-    record_variant "$variant$VOCAB_SUFFIX" "$run" "$run/checkpoint_average.pt" --generate-log "$run/generate.log" \
+    record_variant translation "$variant" "$variant$VOCAB_SUFFIX" "$run" "$run/checkpoint_average.pt" --generate-log "$run/generate.log" \
       --sacrebleu-json "$run/sacrebleu.json" \
       --vocabulary "joint sentencepiece $SUBWORDS $VOCAB, dictionary of $(dictionary_size "$WORK/data-bin/dict.$SRC.txt")"
   fi

@@ -7,8 +7,15 @@ recipes.variants --help`` prints it, and the recipes call ``python3 -m recipes.v
 random-shares every table at ratio R of dense and trains with ``--criterion
 rshare_cross_entropy``. A suffix marked "rshare" needs an rshare base; one marked "lm" or
 "translation" belongs to that recipe only.
+
+Runs can start from a trained dense model, their *teacher*: the run ``dense`` with the same
+model suffixes (-tied, -hN, -dropP, -untied; e.g. ``rshare-0.1-bias-compress-tied`` starts from
+``dense-tied``), whose best checkpoint must exist in the same WORK folder. ``-compress``,
+``-kmeans`` and ``-kmeansbal`` compress it (``fairseq-rshare-compress``) and fine-tune the result
+on the preset's schedule; ``-distill`` adds its distillation to the loss.
 """
 import argparse
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -24,12 +31,24 @@ class VariantError(ValueError):
 
 @dataclass(frozen=True)
 class Run:
-    """What a suffix's flags depend on: the recipe, the base's ratio (None for dense), the
-    dictionary's size and whether the name asks for untied translation tables."""
+    """What a suffix's flags depend on: the recipe, the run's name, the base's ratio (None for
+    dense), the dictionary's size, whether the name asks for untied translation tables, and the
+    recipe's WORK folder (where the teacher and the compressed checkpoints are)."""
     recipe: str
+    name: str
     ratio: float
     words: int
     untied: bool
+    work: str
+
+    @property
+    def teacher_checkpoint(self):
+        best = "checkpoint_best.pt" if self.recipe == "lm" else "checkpoint_average.pt"
+        return os.path.join(self.work, teacher(self.name), best)
+
+    @property
+    def compressed_checkpoint(self):
+        return os.path.join(self.work, "compressed", self.name + ".pt")
 
 
 @dataclass(frozen=True)
@@ -38,8 +57,9 @@ class Suffix:
     pattern: str  # a regular expression matching the whole suffix
     help: str
     flags: Callable  # (re.Match, Run) -> str
-    rshare_only: bool = False
+    rshare_only: bool = False  # table suffixes; the others describe the model, and name the teacher
     recipes: tuple = RECIPES
+    stage: str = ""  # how the run starts, for its results JSON: "" from scratch
 
 
 def input_tables(match, run):
@@ -81,14 +101,25 @@ SUFFIXES = (
            lambda m, run: f"--dropout {m['p']}"),
     Suffix("-poollrS", f"poollr(?P<s>{NUMBER})", "the pools' learning rate S x the preset's (--pool-lr-scale S)",
            lambda m, run: f"--pool-lr-scale {m['s']}", True, recipes=("lm",)),
+    Suffix("-compress", "compress", "start from the teacher compressed by least squares under the random mapping, "
+           "then fine-tune", lambda m, run: f"--finetune-from-model {run.compressed_checkpoint}", True,
+           stage="compress + fine-tune"),
+    Suffix("-kmeans", "kmeans", "start from the teacher compressed with k-means codes (--rshare-mapping kmeans), "
+           "then fine-tune", lambda m, run: f"--rshare-mapping kmeans --finetune-from-model {run.compressed_checkpoint}",
+           True, stage="k-means codes + fine-tune"),
+    Suffix("-kmeansbal", "kmeansbal", "the same with balanced k-means codes (--rshare-mapping kmeans-balanced)",
+           lambda m, run: f"--rshare-mapping kmeans-balanced --finetune-from-model {run.compressed_checkpoint}",
+           True, stage="balanced k-means codes + fine-tune"),
+    Suffix("-distillW", f"distill(?P<w>{NUMBER})?", "distillation from the teacher, weight W (0.5 without it; "
+           "--criterion rshare_distill)", lambda m, run: f"--criterion rshare_distill --teacher-path "
+           f"{run.teacher_checkpoint} --distill-weight {m['w'] or 0.5}", True, stage="distillation"),
     Suffix("-untied", "untied", "three tables (encoder input, decoder input, output) instead of one shared by "
            "all (--share-all-embeddings)", lambda m, run: "", recipes=("translation",)),
 )
 
 
-def flags(recipe, name, words=0):
-    """The fairseq-train flags of run `name` in `recipe` (lm or translation), for a dictionary of
-    `words` symbols; VariantError names what is wrong."""
+def parse(recipe, name, words=0, work="work"):
+    """(Run, [(Suffix, match), ...], base flags) of run `name`; VariantError names what is wrong."""
     base, *suffixes = name.split("-")
     if base == "rshare":
         if not suffixes or not re.fullmatch(r"0?\.\d+", suffixes[0]) or not 0 < float(suffixes[0]) < 1:
@@ -100,10 +131,10 @@ def flags(recipe, name, words=0):
         ratio, out = None, ["--rshare-tables none"]
     else:
         raise VariantError(f"variant {name!r}: start it with dense or rshare-R")
-    run = Run(recipe, ratio, words, untied="untied" in suffixes)
+    run = Run(recipe, name, ratio, words, "untied" in suffixes, work)
     if recipe == "translation" and not run.untied:
         out.append("--share-all-embeddings")
-    seen = set()
+    seen, parsed = set(), []
     for text in suffixes:
         suffix, match = next(((s, re.fullmatch(s.pattern, text)) for s in SUFFIXES
                               if recipe in s.recipes and re.fullmatch(s.pattern, text)), (None, None))
@@ -115,11 +146,54 @@ def flags(recipe, name, words=0):
         if suffix.rshare_only and ratio is None:
             raise VariantError(f"variant {name!r}: {suffix.name} needs an rshare base (rshare-R{suffix.name})")
         seen.add(suffix.name)
+        parsed.append((suffix, match))
+    starts = [suffix.name for suffix, _ in parsed if suffix.stage and suffix.name != "-distillW"]
+    if len(starts) > 1:
+        raise VariantError(f"variant {name!r}: {' and '.join(starts)} are two ways to start: use one")
+    return run, parsed, out
+
+
+def flags(recipe, name, words=0, work="work"):
+    """The fairseq-train flags of run `name` in `recipe` (lm or translation), for a dictionary of
+    `words` symbols, in the recipe's `work` folder; VariantError names what is wrong."""
+    run, parsed, out = parse(recipe, name, words, work)
+    for suffix, match in parsed:
         try:
             out.append(suffix.flags(match, run))
         except VariantError as error:
             raise VariantError(f"variant {name!r}: {error}") from None
     return " ".join(part for part in out if part)
+
+
+def teacher(name):
+    """The dense run that `name` starts from or distils: dense with its model suffixes."""
+    return "-".join(["dense"] + [text for text in name.split("-")[1:]
+                                 if any(not s.rshare_only and re.fullmatch(s.pattern, text) for s in SUFFIXES)])
+
+
+def teacher_checkpoint(recipe, name, work="work"):
+    """The checkpoint run `name` starts from or distils, "" for a run that needs none."""
+    run, parsed, _ = parse(recipe, name, work=work)
+    return run.teacher_checkpoint if any(suffix.stage for suffix, _ in parsed) else ""
+
+
+def stage(recipe, name):
+    """How run `name` starts, in words: "scratch", or its stages joined by " + "."""
+    _, parsed, _ = parse(recipe, name)
+    stages = [suffix.stage for suffix, _ in parsed if suffix.stage and suffix.name != "-distillW"] or ["scratch"]
+    return " + ".join(stages + [suffix.stage for suffix, _ in parsed if suffix.name == "-distillW"])
+
+
+def compress_flags(recipe, name, words=0, work="work"):
+    """fairseq-rshare-compress's arguments for run `name` (its --rshare-* flags, the teacher's
+    checkpoint and the output), or "" for a run that does not start compressed."""
+    run, parsed, _ = parse(recipe, name, words, work)
+    if not any(suffix.stage and suffix.name != "-distillW" for suffix, _ in parsed):
+        return ""
+    tokens = flags(recipe, name, words, work).split()
+    kept = [token for i, token in enumerate(tokens) if token.startswith("--rshare-")
+            or (i and tokens[i - 1].startswith("--rshare-") and not token.startswith("--"))]
+    return " ".join([run.teacher_checkpoint, run.compressed_checkpoint, *kept])
 
 
 def grammar(recipe=None):
@@ -142,9 +216,20 @@ def main(argv=None):
     parser.add_argument("recipe", choices=RECIPES)
     parser.add_argument("names", nargs="+", metavar="NAME")
     parser.add_argument("--words", type=int, default=0, help="the dictionary's size (for -freq)")
+    parser.add_argument("--work", default="work", help="the recipe's WORK folder")
+    parser.add_argument("--print", choices=("flags", "compress", "teacher", "stage"), default="flags",
+                        help="fairseq-train flags; fairseq-rshare-compress arguments (empty for a run that "
+                             "does not start compressed); the teacher's checkpoint (empty for a run from "
+                             "scratch without distillation); how the run starts")
     args = parser.parse_args(argv)
+    parts = {
+        "flags": lambda name: flags(args.recipe, name, args.words, args.work),
+        "compress": lambda name: compress_flags(args.recipe, name, args.words, args.work),
+        "teacher": lambda name: teacher_checkpoint(args.recipe, name, args.work),
+        "stage": lambda name: stage(args.recipe, name),
+    }
     try:
-        lines = [flags(args.recipe, name, args.words) for name in args.names]
+        lines = [parts[args.print](name) for name in args.names]
     except VariantError as error:
         sys.exit(f"{args.recipe}.sh: error: {error}")
     print("\n".join(lines))

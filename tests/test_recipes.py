@@ -213,6 +213,25 @@ def test_run_names_give_their_flags(recipe, name, flags):
     assert variants.flags(recipe, name, words=10_000) == flags
 
 
+def test_runs_that_start_from_their_teacher():
+    name = "rshare-0.15-bias-scale-kmeans-distill-tied-drop0.3"
+    assert variants.teacher(name) == "dense-tied-drop0.3"
+    assert variants.stage("lm", name) == "k-means codes + fine-tune + distillation"
+    assert variants.stage("lm", "rshare-0.1-distill0.7") == "scratch + distillation"
+    assert variants.stage("lm", "rshare-0.1-bias") == "scratch"
+    assert variants.teacher_checkpoint("lm", "rshare-0.1-bias", "w") == ""
+    assert variants.teacher_checkpoint("translation", "rshare-0.1-compress-untied", "w") == \
+        os.path.join("w", "dense-untied", "checkpoint_average.pt")
+    flags = variants.flags("lm", name, 10_000, "w")
+    compressed = os.path.join("w", "compressed", name + ".pt")
+    teacher = os.path.join("w", "dense-tied-drop0.3", "checkpoint_best.pt")
+    assert f"--rshare-mapping kmeans --finetune-from-model {compressed}" in flags
+    assert f"--criterion rshare_distill --teacher-path {teacher} --distill-weight 0.5" in flags
+    assert variants.compress_flags("lm", name, 10_000, "w") == (
+        f"{teacher} {compressed} --rshare-ratio 0.15 --rshare-output-bias --rshare-word-scale --rshare-mapping kmeans")
+    assert variants.compress_flags("lm", "rshare-0.1-distill", 10_000, "w") == ""
+
+
 @pytest.mark.parametrize("recipe,name,message", [
     ("lm", "rshare-1.5", "rshare takes a ratio R with 0 < R < 1"),
     ("lm", "sparse", "start it with dense or rshare-R"),
@@ -221,6 +240,8 @@ def test_run_names_give_their_flags(recipe, name, flags):
     ("lm", "rshare-0.1-untied", "unknown suffix '-untied' for lm.sh"),
     ("translation", "rshare-0.1-h200", "unknown suffix '-h200' for translation.sh"),
     ("translation", "rshare-0.1-input", "-input needs untied tables"),
+    ("lm", "rshare-0.1-compress-kmeans", "-compress and -kmeans are two ways to start"),
+    ("lm", "dense-distill", "-distillW needs an rshare base"),
 ])
 def test_a_bad_run_name_says_what_is_wrong(recipe, name, message):
     with pytest.raises(variants.VariantError, match=message):
@@ -297,6 +318,28 @@ def test_lm_recipe_end_to_end_shortened(tmp_path, corpus, vocabulary):
     assert (" --cpu " in rshare["command"]) == (not torch.cuda.is_available())
     table = tabulate(tmp_path / "work/results", tmp_path)
     assert f"| {corpus} | smoke | {variants[1]} | test ppl | {rshare['test_ppl']:.2f} |" in table
+
+
+@pytest.mark.slow
+def test_lm_recipe_compresses_its_teacher_and_distils_it(tmp_path):
+    data = shared_corpus("ptb")
+    work = tmp_path / "work"
+    student = "rshare-0.1-bias-kmeans-distill"
+    failed = recipe("lm.sh", tmp_path, check=False, DATA=data, PRESET="smoke", WORK=work, VARIANTS=student)
+    assert failed.returncode == 1 and "train and evaluate its teacher first (VARIANTS=dense)" in failed.stderr
+    recipe("lm.sh", tmp_path, DATA=data, PRESET="smoke", WORK=work, VARIANTS=f"dense {student}", STEPS="train evaluate")
+    results = check_results(work / "results", ["dense", student], "test_ppl", lambda ppl: ppl < 1000)
+    dense = results["dense"]
+    assert dense["stage"] == "scratch" and "teacher" not in dense
+    result = results[student]
+    assert result["stage"] == "k-means codes + fine-tune + distillation"
+    assert result["teacher"] == {"variant": "dense", "test_ppl": dense["test_ppl"], "updates": dense["updates"],
+                                 "train_seconds": dense["train_seconds"]}
+    assert "--criterion rshare_distill" in result["command"] and "--finetune-from-model" in result["command"]
+    log = (work / "compressed" / f"{student}.log").read_text()
+    assert "decoder-input" in log and "decoder-output" in log
+    # the learned mapping is stored: V x K entries at ceil(log2(M/K)) bits count in the tables
+    assert result["embedding_softmax_params"] < 0.2 * dense["embedding_softmax_params"]
 
 
 @pytest.mark.slow
