@@ -11,6 +11,7 @@ import sys
 
 from .. import checkpoints
 from ..errors import RShareConfigError
+from ..tasks import empty_splits
 
 
 def running_a_command_line_tool(program=None):
@@ -38,3 +39,4 @@ def install_error_handling():
     if sys.excepthook is not print_config_errors:
         _previous_excepthook, sys.excepthook = sys.excepthook, print_config_errors
     checkpoints.install()
+    empty_splits.install()
