@@ -233,6 +233,7 @@ def test_model_overrides_that_change_the_mapping_fail_clearly(trained, lm_data):
                      "--cpu", "--model-overrides", "{'rshare_seed': 9}", check=False)
     assert result.returncode != 0
     assert "fairseq_rshare: error:" in result.stderr and "mapping fingerprint" in result.stderr
+    assert "--rshare-seed 9," in result.stderr  # the value given, not a table's seed + offset
     assert "Traceback" not in result.stderr
 
 
@@ -259,6 +260,9 @@ def test_model_overrides_that_change_the_mapping_fail_clearly(trained, lm_data):
         (["--decoder-embed-path", "vectors.txt"], "rshare_lstm_lm does not support --decoder-embed-path"),
         (["--share-decoder-input-output-embed", "--decoder-out-embed-dim", "16", "--rshare-tables", "none"],
          "needs --decoder-embed-dim (32) equal to --decoder-out-embed-dim (16)"),
+        # 0.9999 x 4,992 words rounds to 4,992 entries per position: the dense table's size.
+        (["--rshare-ratio", "0.9999"], "--rshare-ratio 0.9999, a pool of 39936 gives no compression"),
+        (["--rshare-input-ratio", "0.9999"], "--rshare-input-ratio 0.9999, a pool of 39936 gives no compression"),
     ],
 )
 def test_bad_flags_fail_with_one_clear_message(flags, message, lm_data, tmp_path):
@@ -267,6 +271,19 @@ def test_bad_flags_fail_with_one_clear_message(flags, message, lm_data, tmp_path
     assert result.returncode != 0
     assert "fairseq_rshare: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_ratio_raised_to_a_larger_pool_is_reported_in_one_warning(lm_data, tmp_path):
+    result = train(lm_data, tmp_path, lm_task(), LM_CASES["lstm_lm"], max_update=1,
+                   extra=["--rshare-output-ratio", "0.0001", "--disable-validation"])
+    warnings = [line for line in result.stdout.splitlines() if "--rshare-output-ratio" in line]
+    # 0.0001 x 4,992 words is 0.5 entries per position: raised to 2, a ratio of 2 / 4,992.
+    assert len(warnings) == 1 and "| WARNING |" in warnings[0]
+    assert warnings[0].endswith(
+        "fairseq_rshare: --rshare-output-ratio 0.0001 gives decoder-output a ratio of 0.000401, not "
+        "0.0001: 0.0001 x 4992 words is 0.499 entries per position, and a pool has a whole number "
+        "of them, at least 2 (one would give every word the same vector), so 2 per position, a pool of 16")
+    assert "--rshare-ratio" not in result.stdout  # the input table's 0.1 is kept (499 of 499.2)
 
 
 @pytest.mark.parametrize(
