@@ -4,12 +4,14 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import torch
 from fairseq.data import Dictionary
 
 from conftest import USER_DIR, fairseq
+from fairseq_rshare.models.rshare_config import RShareConfig
 from fairseq_rshare.tools import eval_lm_perplexity
 
 pytestmark = pytest.mark.slow
@@ -330,3 +332,13 @@ def test_share_all_embeddings_with_one_dense_table_fails_clearly(nmt_data, tmp_p
     assert result.returncode != 0
     assert "--share-all-embeddings ties encoder-input and decoder-input" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_rshare_flag_with_its_default():
+    result = subprocess.run([sys.executable, "-m", "fairseq_rshare", "--help"],
+                            capture_output=True, text=True, check=True)
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n  (?=--rshare-)", result.stdout)[1:]]
+    shown = {entry.split()[0]: re.search(r"\(default: ([^)]*)\)$", entry) for entry in entries}
+    expected = {"--" + option.name.replace("_", "-"): "unset" if option.default is None else str(option.default)
+                for option in fields(RShareConfig) if option.name.startswith("rshare_")}
+    assert {flag: found and found.group(1) for flag, found in shown.items()} == expected

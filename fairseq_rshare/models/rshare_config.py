@@ -76,7 +76,7 @@ class RShareConfig(FairseqDataclass):
     )
     rshare_init_std: Optional[float] = field(
         default=None,
-        metadata={"help": "standard deviation of the pool's normal initialisation (default H**-0.5, as fairseq's embeddings)"},
+        metadata={"help": "standard deviation of the pool's normal initialisation (unset: H**-0.5, as fairseq's embeddings)"},
     )
 
 
