@@ -288,6 +288,21 @@ def test_a_ratio_raised_to_a_larger_pool_is_reported_in_one_warning(lm_data, tmp
     assert "--rshare-ratio" not in result.stdout  # the input table's 0.1 is kept (499 of 499.2)
 
 
+def test_a_bad_flag_prints_its_line_alone_and_fairseqs_own_errors_still_show(lm_data, tmp_path):
+    result = fairseq("fairseq-train", lm_data, *COMMON, *lm_task(), *LM_CASES["lstm_lm"],
+                     "--rshare-subvectors", "7", "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        "fairseq_rshare: error: embedding dim 32 is not divisible by --rshare-subvectors 7: pick a divisor of 32"
+    ]
+    without_batch_size = [flag for flag in COMMON if flag not in ("--max-tokens", "1024")]
+    result = fairseq("fairseq-train", lm_data, *without_batch_size, *lm_task(), *LM_CASES["lstm_lm"],
+                     "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+    assert "AssertionError: Must specify batch size either with --max-tokens or --batch-size" in result.stderr
+
+
 @pytest.mark.parametrize(
     "case,flags,message",
     [
