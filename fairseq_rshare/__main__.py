@@ -9,8 +9,19 @@ from .cli.export import PARENT_ARCHS
 from .models.rshare_config import RShareConfig
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
+
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default; `unset` for one that defaults to None."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return f"{action.help} (default: unset)"
+        return super()._get_help_string(action)
+
+
 parser = argparse.ArgumentParser(
     prog="python -m fairseq_rshare",
+    formatter_class=ShowDefaults,
     # PARENT_ARCHS lists every architecture the plugin registers (tests/test_export.py checks it).
     description=f"Flags that every rshare architecture adds to fairseq-train ({', '.join(PARENT_ARCHS)}).",
 )

@@ -4,12 +4,14 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import torch
 from fairseq.data import Dictionary
 
 from conftest import USER_DIR, fairseq
+from fairseq_rshare.models.rshare_config import RShareConfig
 from fairseq_rshare.tools import eval_lm_perplexity
 
 pytestmark = pytest.mark.slow
@@ -233,6 +235,7 @@ def test_model_overrides_that_change_the_mapping_fail_clearly(trained, lm_data):
                      "--cpu", "--model-overrides", "{'rshare_seed': 9}", check=False)
     assert result.returncode != 0
     assert "fairseq_rshare: error:" in result.stderr and "mapping fingerprint" in result.stderr
+    assert "--rshare-seed 9," in result.stderr  # the value given, not a table's seed + offset
     assert "Traceback" not in result.stderr
 
 
@@ -259,6 +262,9 @@ def test_model_overrides_that_change_the_mapping_fail_clearly(trained, lm_data):
         (["--decoder-embed-path", "vectors.txt"], "rshare_lstm_lm does not support --decoder-embed-path"),
         (["--share-decoder-input-output-embed", "--decoder-out-embed-dim", "16", "--rshare-tables", "none"],
          "needs --decoder-embed-dim (32) equal to --decoder-out-embed-dim (16)"),
+        # 0.9999 x 4,992 words rounds to 4,992 entries per position: the dense table's size.
+        (["--rshare-ratio", "0.9999"], "--rshare-ratio 0.9999, a pool of 39936 gives no compression"),
+        (["--rshare-input-ratio", "0.9999"], "--rshare-input-ratio 0.9999, a pool of 39936 gives no compression"),
     ],
 )
 def test_bad_flags_fail_with_one_clear_message(flags, message, lm_data, tmp_path):
@@ -267,6 +273,34 @@ def test_bad_flags_fail_with_one_clear_message(flags, message, lm_data, tmp_path
     assert result.returncode != 0
     assert "fairseq_rshare: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_ratio_raised_to_a_larger_pool_is_reported_in_one_warning(lm_data, tmp_path):
+    result = train(lm_data, tmp_path, lm_task(), LM_CASES["lstm_lm"], max_update=1,
+                   extra=["--rshare-output-ratio", "0.0001", "--disable-validation"])
+    warnings = [line for line in result.stdout.splitlines() if "--rshare-output-ratio" in line]
+    # 0.0001 x 4,992 words is 0.5 entries per position: raised to 2, a ratio of 2 / 4,992.
+    assert len(warnings) == 1 and "| WARNING |" in warnings[0]
+    assert warnings[0].endswith(
+        "fairseq_rshare: --rshare-output-ratio 0.0001 gives decoder-output a ratio of 0.000401, not "
+        "0.0001: 0.0001 x 4992 words is 0.499 entries per position, and a pool has a whole number "
+        "of them, at least 2 (one would give every word the same vector), so 2 per position, a pool of 16")
+    assert "--rshare-ratio" not in result.stdout  # the input table's 0.1 is kept (499 of 499.2)
+
+
+def test_a_bad_flag_prints_its_line_alone_and_fairseqs_own_errors_still_show(lm_data, tmp_path):
+    result = fairseq("fairseq-train", lm_data, *COMMON, *lm_task(), *LM_CASES["lstm_lm"],
+                     "--rshare-subvectors", "7", "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        "fairseq_rshare: error: embedding dim 32 is not divisible by --rshare-subvectors 7: pick a divisor of 32"
+    ]
+    without_batch_size = [flag for flag in COMMON if flag not in ("--max-tokens", "1024")]
+    result = fairseq("fairseq-train", lm_data, *without_batch_size, *lm_task(), *LM_CASES["lstm_lm"],
+                     "--max-update", "1", "--save-dir", tmp_path, check=False)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+    assert "AssertionError: Must specify batch size either with --max-tokens or --batch-size" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -313,3 +347,13 @@ def test_share_all_embeddings_with_one_dense_table_fails_clearly(nmt_data, tmp_p
     assert result.returncode != 0
     assert "--share-all-embeddings ties encoder-input and decoder-input" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_rshare_flag_with_its_default():
+    result = subprocess.run([sys.executable, "-m", "fairseq_rshare", "--help"],
+                            capture_output=True, text=True, check=True)
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n  (?=--rshare-)", result.stdout)[1:]]
+    shown = {entry.split()[0]: re.search(r"\(default: ([^)]*)\)$", entry) for entry in entries}
+    expected = {"--" + option.name.replace("_", "-"): "unset" if option.default is None else str(option.default)
+                for option in fields(RShareConfig) if option.name.startswith("rshare_")}
+    assert {flag: found and found.group(1) for flag, found in shown.items()} == expected

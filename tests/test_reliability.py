@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import USER_DIR, fairseq, shared_corpus
+from conftest import USER_DIR, fairseq, head, shared_corpus
 from fairseq_rshare.tools import fairseq_tool
 
 pytestmark = pytest.mark.slow
@@ -142,3 +142,21 @@ def test_empty_training_data_fails_with_one_clear_message(tmp_path):
                                                 "--max-update", "2"), check=False)
     assert result.returncode != 0
     assert "was the training data empty?" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("task,empty", [("language_modeling", "valid"), ("stateful_lm", "valid"), ("stateful_lm", "train")])
+def test_an_empty_split_fails_with_one_line_naming_it(lm_data, tmp_path, task, empty):
+    """An empty text file given to fairseq-preprocess (with --srcdict, so the dictionary is not
+    empty) makes an empty .bin file, which fairseq cannot map."""
+    ptb = shared_corpus("ptb")
+    for split in ("train", "valid"):
+        head(os.path.join(ptb, f"{split}.txt"), tmp_path / f"{split}.txt", 0 if split == empty else 200)
+    fairseq("fairseq-preprocess", "--only-source", "--srcdict", lm_data / "dict.txt", "--trainpref",
+            tmp_path / "train.txt", "--validpref", tmp_path / "valid.txt", "--destdir", tmp_path / "bin",
+            "--workers", "1")
+    result = fairseq("fairseq-train", *lm_flags(tmp_path / "bin", tmp_path / "ckpt", "--max-update", "2",
+                                                task=task), check=False)
+    assert result.returncode != 0
+    assert (f"fairseq_rshare: error: the {empty} split is empty ({tmp_path / 'bin' / empty}.bin): give "
+            f"fairseq-preprocess a --{empty}pref text file with at least one line") in result.stderr
+    assert "Traceback" not in result.stderr

@@ -8,9 +8,11 @@ naming the fix, instead of a traceback through fairseq.
 """
 import os
 import sys
+import warnings
 
 from .. import checkpoints
 from ..errors import RShareConfigError
+from ..tasks import empty_splits
 
 
 def running_a_command_line_tool(program=None):
@@ -33,8 +35,19 @@ def print_config_errors(exc_type, exc, tb):
     _previous_excepthook(exc_type, exc, tb)
 
 
+def quiet_hydra_deprecations():
+    """fairseq 0.12 calls Hydra APIs that Hydra has since deprecated; the ~25 lines of warnings
+    about that in every command would bury the one-line errors.  Warning options the user gave
+    (python -W, PYTHONWARNINGS) are left as they are."""
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"hydra\.")
+        warnings.filterwarnings("ignore", message=r"\s*'config' is validated against ConfigStore schema")
+
+
 def install_error_handling():
     global _previous_excepthook
     if sys.excepthook is not print_config_errors:
         _previous_excepthook, sys.excepthook = sys.excepthook, print_config_errors
     checkpoints.install()
+    empty_splits.install()
+    quiet_hydra_deprecations()

@@ -1,4 +1,5 @@
 """The --rshare-* flags, shared by every rshare architecture, and the one table builder they drive."""
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -10,6 +11,8 @@ from ..errors import RShareConfigError
 from ..modules import RandomSharedEmbedding, RandomSharedOutput
 from ..modules.random_shared_embedding import check_table_shape
 from ..modules.random_shared_output import OUTPUT_PATHS
+
+logger = logging.getLogger(__name__)
 
 TABLES = ("encoder-input", "decoder-input", "decoder-output")
 
@@ -73,7 +76,7 @@ class RShareConfig(FairseqDataclass):
     )
     rshare_init_std: Optional[float] = field(
         default=None,
-        metadata={"help": "standard deviation of the pool's normal initialisation (default H**-0.5, as fairseq's embeddings)"},
+        metadata={"help": "standard deviation of the pool's normal initialisation (unset: H**-0.5, as fairseq's embeddings)"},
     )
 
 
@@ -110,22 +113,40 @@ def rshare_tables(args, model_tables):
     return chosen
 
 
-def pool_size_for(args, num_words, table):
-    """M of `table`: --rshare-pool-size, else its ratio (--rshare-input-ratio or
-    --rshare-output-ratio when given, --rshare-ratio otherwise) times V*K."""
-    K = args.rshare_subvectors
+def size_setting(args, table):
+    """The flag that sets the pool size of `table`, and its value: --rshare-pool-size, else
+    --rshare-input-ratio or --rshare-output-ratio when given, else --rshare-ratio."""
     output = table == "decoder-output"
     flag = "--rshare-output-ratio" if output else "--rshare-input-ratio"
     ratio = args.rshare_output_ratio if output else args.rshare_input_ratio
     if ratio is not None and args.rshare_pool_size is not None:
         raise RShareConfigError(f"{flag} and --rshare-pool-size both set the size of {table}: use one")
     if args.rshare_pool_size is not None:
-        return args.rshare_pool_size
+        return "--rshare-pool-size", args.rshare_pool_size
     if ratio is None:
-        flag, ratio = "--rshare-ratio", args.rshare_ratio
-    if not 0 < ratio < 1:
-        raise RShareConfigError(f"{flag} must be between 0 and 1 (exclusive), got {ratio}")
-    return pool_size_of_ratio(num_words, K, ratio)  # K itself is checked by check_table_shape
+        return "--rshare-ratio", args.rshare_ratio
+    return flag, ratio
+
+
+def pool_size_of_setting(flag, value, num_words, num_subvectors):
+    """M from size_setting's flag and value: the pool size itself, or the ratio times V*K."""
+    if flag == "--rshare-pool-size":
+        return value
+    if not 0 < value < 1:
+        raise RShareConfigError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
+    return pool_size_of_ratio(num_words, num_subvectors, value)  # K itself is checked by check_table_shape
+
+
+def warn_of_a_moved_ratio(flag, ratio, num_words, num_subvectors, pool_size, table):
+    """One warning line when the pool's ratio is not the one asked (by more than 1 %)."""
+    obtained = pool_size / (num_words * num_subvectors)
+    if abs(obtained - ratio) > 0.01 * ratio:
+        logger.warning(
+            f"fairseq_rshare: {flag} {ratio} gives {table} a ratio of {obtained:.3g}, not {ratio}: "
+            f"{ratio} x {num_words} words is {ratio * num_words:.3g} entries per position, and a pool "
+            f"has a whole number of them, at least 2 (one would give every word the same vector), "
+            f"so {pool_size // num_subvectors} per position, a pool of {pool_size}"
+        )
 
 
 def pool_size_of_ratio(num_words, num_subvectors, ratio):
@@ -167,23 +188,35 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
             f"the {table} dictionary has no word seen in the data, only fairseq's special "
             "symbols: was the training data empty? Run fairseq-preprocess on a non-empty --trainpref"
         )
-    pool_size = pool_size_for(args, len(dictionary), table)
+    V, K = len(dictionary), args.rshare_subvectors
+    flag, value = size_setting(args, table)
+    pool_size = pool_size_of_setting(flag, value, V, K)
     if args.rshare_init_std is not None and not args.rshare_init_std > 0:
         raise RShareConfigError(f"--rshare-init-std must be above 0, got {args.rshare_init_std}")
     private_words = most_frequent_words(dictionary, args.rshare_frequent_words)
-    check_table_shape(len(dictionary), embed_dim, args.rshare_subvectors, pool_size,
-                      str(args.rshare_pool_kind), len(private_words), names=FLAG_NAMES)
+    from_ratio = flag != "--rshare-pool-size"
+    names = {**FLAG_NAMES, "pool_size": f"{flag} {value}, a pool of"} if from_ratio else FLAG_NAMES
+    check_table_shape(V, embed_dim, K, pool_size, str(args.rshare_pool_kind), len(private_words), names=names)
+    if from_ratio:
+        warn_of_a_moved_ratio(flag, value, V, K, pool_size, table)
     embedding = RandomSharedEmbedding(
-        num_embeddings=len(dictionary),
+        num_embeddings=V,
         embedding_dim=embed_dim,
         padding_idx=dictionary.pad(),
-        num_subvectors=args.rshare_subvectors,
+        num_subvectors=K,
         pool_size=pool_size,
         word_scale=args.rshare_word_scale,
         init_std=args.rshare_init_std,
         pool_kind=str(args.rshare_pool_kind),
         seed=args.rshare_seed + SEED_OFFSETS[table],
         private_words=private_words,
+    )
+    # A checkpoint of another table is refused naming these, the flags (the module's own seed
+    # is --rshare-seed plus the table's offset).
+    embedding.settings = (
+        f"{V} words, --rshare-subvectors {K}, {flag} {value} (a pool of {pool_size}), "
+        f"--rshare-pool-kind {args.rshare_pool_kind}, --rshare-seed {args.rshare_seed}, "
+        f"--rshare-frequent-words {args.rshare_frequent_words}"
     )
     check_same_on_all_ranks(embedding.fingerprint)
     return embedding

@@ -140,6 +140,11 @@ class RandomSharedEmbedding(nn.Module):
         self.private_words = private_words
         mapping = make_mapping(num_embeddings, num_subvectors, pool_size, pool_kind, seed, private_words)
         self.fingerprint = fingerprint(mapping)
+        # What a refused checkpoint's message names (a builder from flags names the flags).
+        self.settings = (
+            f"V={num_embeddings}, K={num_subvectors}, M={pool_size}, pool kind={pool_kind}, "
+            f"seed={seed}, private words={len(private_words)}"
+        )
         self.register_buffer("mapping", torch.from_numpy(mapping), persistent=False)
         # The inverse of the mapping for GatherPoolRows: the slots (word * K + k) grouped by pool
         # row, and where each row's group starts.
@@ -183,9 +188,7 @@ class RandomSharedEmbedding(nn.Module):
             if stored_digest != self.fingerprint:
                 raise RShareConfigError(
                     f"checkpoint table '{prefix.rstrip('.')}' was trained with mapping fingerprint "
-                    f"{stored_digest}, but these settings (V={self.num_embeddings}, "
-                    f"K={self.num_subvectors}, M={self.pool_size}, pool kind={self.pool_kind}, "
-                    f"seed={self.seed}, private words={len(self.private_words)}) regenerate "
+                    f"{stored_digest}, but these settings ({self.settings}) regenerate "
                     f"{self.fingerprint}: load it with the settings it was trained with"
                 )
             version = int(state_dict.setdefault(version_key, torch.tensor(1)))

@@ -35,6 +35,7 @@ from omegaconf import II
 from ..errors import RShareConfigError
 from ..models.rshare_lstm_lm import RShareLSTMDecoder
 from ..modules import RandomSharedEmbedding
+from .empty_splits import check_split_not_empty
 
 
 @dataclass
@@ -147,6 +148,7 @@ class StatefulLMTask(FairseqTask):
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         paths = utils.split_paths(self.cfg.data)
         path = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        check_split_not_empty(path)
         lines = data_utils.load_indexed_dataset(path, self.dictionary, combine=combine)
         if lines is None or len(lines) == 0:
             raise RShareConfigError(f"no {split} data at {path}: run fairseq-preprocess with --{split}pref")
