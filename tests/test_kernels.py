@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairseq_rshare.kernels import extension, log_softmax_of_words, logsumexp_of_words, stock_word_logits
+from fairseq_rshare.kernels import (Backend, extension, log_softmax_of_words, logsumexp_of_words, register,
+                                    stock_word_logits, supports, unregister)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,3 +126,43 @@ def test_a_large_bias_gives_no_nan_from_the_lanes_past_the_last_token():
     grad_scores, grad_bias = torch.autograd.grad(logsumexp_of_words(scores, mapping_columns, bias).sum(), [scores, bias])
     assert torch.isfinite(grad_scores).all() and torch.isfinite(grad_bias).all()
     assert torch.allclose(grad_bias.sum(), torch.tensor(5.0))  # each token's softmax sums to 1
+
+
+def test_the_registry_supports_float32_on_the_cpu_only():
+    assert supports("cpu", torch.float32) and supports(torch.device("cpu"), torch.float32)
+    assert not supports("cpu", torch.float64)
+    assert not supports("meta", torch.float32)
+
+
+def test_a_registered_backend_serves_its_device_type_until_unregistered():
+    """A backend written in Python for the "meta" device type (stock ops run there too, on shapes)."""
+    calls = []
+
+    def fused(name):
+        def function(scores, *args):
+            calls.append((name, scores.is_contiguous(), args))
+            return name
+        return function
+
+    backend = Backend("meta", torch.float32, available=lambda: True,
+                              log_softmax_of_words=fused("log_softmax"), logsumexp_of_words=fused("logsumexp"))
+    scores = torch.randn(3, 20, device="meta").t().contiguous().t()  # not contiguous
+    mapping_columns = random_mapping(30, 3, 20, torch.Generator().manual_seed(0)).to("meta")
+    register(backend)
+    try:
+        assert supports("meta", torch.float32) and not supports("meta", torch.float64)
+        with pytest.raises(ValueError, match="registered already"):
+            register(backend)
+        assert log_softmax_of_words(scores, mapping_columns) == "log_softmax"
+        assert logsumexp_of_words(scores, mapping_columns) == "logsumexp"
+        with torch.no_grad():
+            assert logsumexp_of_words(scores, mapping_columns) == "logsumexp"
+    finally:
+        unregister(backend)
+    (_, contiguous, (columns, bias)), (_, _, (_, _, ones)), (_, _, (_, _, none)) = calls
+    assert contiguous and columns is mapping_columns and bias is None
+    assert ones.shape == (3,) and none is None  # the expected gradient: ones, unless no backward follows
+    assert not supports("meta", torch.float32)
+    assert log_softmax_of_words(scores, mapping_columns).shape == (3, 30)  # stock ops again
+    assert logsumexp_of_words(scores, mapping_columns).shape == (3,)
+    assert len(calls) == 3

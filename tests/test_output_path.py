@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput
+from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, kernels
 from fairseq_rshare.modules import path_costs
-from fairseq_rshare.modules.random_shared_output import TIMED_WITHIN
+from fairseq_rshare.modules.output_path import MEASURED_STEPS, TIMED_WITHIN, PathChooser
 
 from conftest import tiny_lm
 
@@ -18,15 +18,15 @@ SHAPE = dict(num_embeddings=2000, embedding_dim=64, padding_idx=1, num_subvector
 
 
 def rigged(times):
-    return lambda self, path, num_tokens: times[path]
+    return lambda self, step, path: times[path]
 
 
 def rigged_on_batch(times):
-    return lambda self, path, features: (times[path], self.logits_through(path, features))
+    return lambda self, call, path, features: (times[path], call(path, features))
 
 
 def test_auto_takes_the_faster_measured_path(monkeypatch, caplog):
-    monkeypatch.setattr(RandomSharedOutput, "time_path", rigged({"pool-scores": 2.0, "materialize": 1.0}))
+    monkeypatch.setattr(PathChooser, "seconds_per_step", rigged({"pool-scores": 2.0, "materialize": 1.0}))
     output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE))
     assert output.path == "pool-scores"  # the cost model, before any training step
     with caplog.at_level("INFO"):
@@ -38,16 +38,16 @@ def test_auto_takes_the_faster_measured_path(monkeypatch, caplog):
 def test_training_and_evaluation_are_measured_apart_and_once(monkeypatch):
     timed = []
 
-    def time_path(self, path, num_tokens):
+    def seconds_per_step(self, step, path):
         timed.append("training")
         return 1.0 if path == "pool-scores" else 2.0
 
-    def time_on_batch(self, path, features):
+    def seconds_per_call(self, call, path, features):
         timed.append("evaluation")
-        return 1.0 if path == "materialize" else 2.0, self.logits_through(path, features)
+        return 1.0 if path == "materialize" else 2.0, call(path, features)
 
-    monkeypatch.setattr(RandomSharedOutput, "time_path", time_path)
-    monkeypatch.setattr(RandomSharedOutput, "time_on_batch", time_on_batch)
+    monkeypatch.setattr(PathChooser, "seconds_per_step", seconds_per_step)
+    monkeypatch.setattr(PathChooser, "seconds_per_call", seconds_per_call)
     output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE))
     for _ in range(2):
         output.train()(torch.randn(4, 64)).sum().backward()
@@ -64,7 +64,7 @@ def test_evaluation_times_its_first_two_calls_one_path_each_then_keeps_the_faste
     slower = {"pool-scores": "materialize", "materialize": "pool-scores"}[faster]
     # Seconds per call: the second batch has twice the tokens, so it is the cost per token that counts.
     times = {faster: 1.5, slower: 1.0} if faster == "materialize" else {faster: 1.0, slower: 2.5}
-    monkeypatch.setattr(RandomSharedOutput, "time_on_batch", rigged_on_batch(times))
+    monkeypatch.setattr(PathChooser, "seconds_per_call", rigged_on_batch(times))
     output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), bias=True).eval()
     torch.nn.init.normal_(output.bias)
     batches = [torch.randn(1, 5, 64), torch.randn(2, 5, 64), torch.randn(3, 5, 64)]
@@ -84,7 +84,7 @@ def test_timing_on_a_batch_returns_that_paths_output():
     features = torch.randn(7, 64)
     with torch.no_grad():
         for path in ("pool-scores", "materialize"):
-            seconds, timed_output = output.time_on_batch(path, features)
+            seconds, timed_output = output.chooser.seconds_per_call(output.logits_through, path, features)
             assert seconds > 0
             assert torch.equal(timed_output, output.logits_through(path, features))
 
@@ -93,8 +93,8 @@ def test_a_forced_path_is_kept(monkeypatch):
     def fail(*args):
         raise AssertionError("measured")
 
-    monkeypatch.setattr(RandomSharedOutput, "time_path", fail)
-    monkeypatch.setattr(RandomSharedOutput, "time_on_batch", fail)
+    monkeypatch.setattr(PathChooser, "seconds_per_step", fail)
+    monkeypatch.setattr(PathChooser, "seconds_per_call", fail)
     for path in ("pool-scores", "materialize"):
         forced = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), path=path).train()
         forced(torch.randn(4, 64)).sum().backward()
@@ -107,8 +107,8 @@ def test_a_clear_cost_model_is_not_timed(monkeypatch):
     def fail(*args):
         raise AssertionError("timed")
 
-    monkeypatch.setattr(RandomSharedOutput, "time_path", fail)
-    monkeypatch.setattr(RandomSharedOutput, "time_on_batch", fail)
+    monkeypatch.setattr(PathChooser, "seconds_per_step", fail)
+    monkeypatch.setattr(PathChooser, "seconds_per_call", fail)
     # V=20k, H=512, K=8, 200 entries per position: pool-scores 5.6x cheaper by the model.
     output = RandomSharedOutput(RandomSharedEmbedding(20_000, 512, 1, 8, 1600))
     pool_scores, materialize = path_costs(20_000, 512, 8, 1600)
@@ -124,15 +124,84 @@ def test_a_clear_cost_model_is_not_timed(monkeypatch):
 def test_timing_touches_no_gradient():
     output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE), bias=True)
     for path in ("pool-scores", "materialize"):
-        assert output.time_path(path, 16) > 0
+        assert output.chooser.seconds_per_step(output.training_step(16), path) > 0
     assert all(p.grad is None for p in output.parameters())
+
+
+class FakeClock:
+    """A clock that only the timed paths move: each step or call through a path takes its seconds."""
+
+    def __init__(self, seconds):
+        self.now, self.seconds = 0.0, seconds
+
+    def __call__(self):
+        return self.now
+
+    def run(self, path, features=None):
+        self.now += self.seconds[path]
+        return path, features
+
+
+@pytest.fixture
+def no_broadcast(monkeypatch):
+    """Outside a distributed run nothing may be broadcast."""
+    def broadcast(*args, **kwargs):
+        raise AssertionError("broadcast outside a distributed run")
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+
+
+@pytest.mark.parametrize("faster", ["pool-scores", "materialize"])
+def test_the_chooser_times_training_steps_on_its_clock(no_broadcast, faster):
+    slower = {"pool-scores": "materialize", "materialize": "pool-scores"}[faster]
+    clock = FakeClock({faster: 0.001, slower: 0.003})
+    paths = PathChooser("auto", (2000, 64, 8, 160), "layer", timer=clock)
+    assert paths.path("cpu", torch.float32, "training") == "pool-scores"  # the cost model's
+    assert paths.needs_timing("cpu", torch.float32, "training")
+    assert paths.seconds_per_step(clock.run, slower) == pytest.approx(0.003)
+    assert clock.now == pytest.approx(0.003 * (1 + MEASURED_STEPS))  # one warm-up step, untimed
+    assert paths.time_training("cpu", clock.run, 100) == faster
+    assert paths.path("cpu", torch.float32, "training") == faster
+    assert not paths.needs_timing("cpu", torch.float32, "training")
+    assert paths.needs_timing("cpu", torch.float32, "evaluation")  # chosen apart
+    assert paths.path("cpu", torch.float32, "evaluation") == "pool-scores"
+
+
+@pytest.mark.parametrize("faster", ["pool-scores", "materialize"])
+def test_the_chooser_times_evaluation_per_token_on_its_clock(no_broadcast, faster):
+    # Seconds per call; the second batch has twice the tokens, so it is the cost per token that counts.
+    clock = FakeClock({"pool-scores": 0.1, "materialize": 0.15 if faster == "materialize" else 0.25})
+    paths = PathChooser("auto", (2000, 64, 8, 160), "layer", timer=clock)
+    batches = [torch.randn(10, 64), torch.randn(20, 64)]
+    outputs = [paths.time_evaluation("cpu", clock.run, features, len(features)) for features in batches]
+    assert [path for path, _ in outputs] == ["pool-scores", "materialize"]  # one path a call, its output
+    assert all(got is features for (_, got), features in zip(outputs, batches))
+    assert paths.evaluation_seconds == pytest.approx(
+        {"pool-scores": 0.01, "materialize": 0.0075 if faster == "materialize" else 0.0125})
+    assert paths.path("cpu", torch.float32, "evaluation") == faster
+    assert not paths.needs_timing("cpu", torch.float32, "evaluation")
+    assert paths.path("meta", torch.float32, "evaluation") == "materialize"  # chosen on the CPU only
+
+
+def test_pool_scores_only_where_a_kernel_backend_is_registered():
+    output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE))
+    assert output.path_on("cpu") == "pool-scores" and output.path_on("meta") == "materialize"
+    backend = kernels.Backend("meta", torch.float32, available=lambda: True,
+                              log_softmax_of_words=None, logsumexp_of_words=None)
+    kernels.register(backend)
+    try:
+        assert output.path_on("meta") == "pool-scores"
+        assert output.double().path_on("meta") == "materialize"  # float64 pool scores: no backend
+    finally:
+        kernels.unregister(backend)
+    assert output.float().path_on("meta") == "materialize"
 
 
 def rank_choice(rank, port, folder):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     # Each rank measures the opposite: only rank 0's choice may count.
     times = [{"pool-scores": 2.0, "materialize": 1.0}, {"pool-scores": 1.0, "materialize": 2.0}][rank]
-    RandomSharedOutput.time_path = rigged(times)
+    PathChooser.seconds_per_step = rigged(times)
     output = RandomSharedOutput(RandomSharedEmbedding(**SHAPE)).train()
     output(torch.randn(4, 64))
     with open(os.path.join(folder, str(rank)), "w") as f:
