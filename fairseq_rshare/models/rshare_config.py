@@ -49,6 +49,10 @@ class RShareConfig(FairseqDataclass):
         default="position",
         metadata={"help": "position: slot k draws only from its own M/K entries (fast output layer); global: any entry anywhere (the paper's single pool)"},
     )
+    rshare_mapping: ChoiceEnum(["random", "kmeans", "kmeans-balanced"]) = field(
+        default="random",
+        metadata={"help": "random: the fixed random mapping regenerated from --rshare-seed (the paper's); kmeans, kmeans-balanced: learned from a trained dense table by fairseq-rshare-compress and stored in its checkpoint (only loading one can give it)"},
+    )
     rshare_seed: int = field(
         default=1, metadata={"help": "seed of the fixed random mapping (not the training seed)"}
     )
@@ -171,6 +175,12 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
     if args.rshare_init_std is not None and not args.rshare_init_std > 0:
         raise RShareConfigError(f"--rshare-init-std must be above 0, got {args.rshare_init_std}")
     private_words = most_frequent_words(dictionary, args.rshare_frequent_words)
+    mapping_kind = str(args.rshare_mapping)
+    if private_words and mapping_kind != "random":
+        raise RShareConfigError(
+            f"--rshare-frequent-words gives words private entries of the random mapping, but "
+            f"--rshare-mapping {mapping_kind} learns every word's entries: drop one of them"
+        )
     check_table_shape(len(dictionary), embed_dim, args.rshare_subvectors, pool_size,
                       str(args.rshare_pool_kind), len(private_words), names=FLAG_NAMES)
     embedding = RandomSharedEmbedding(
@@ -184,6 +194,7 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
         pool_kind=str(args.rshare_pool_kind),
         seed=args.rshare_seed + SEED_OFFSETS[table],
         private_words=private_words,
+        mapping_kind=mapping_kind,
     )
     check_same_on_all_ranks(embedding.fingerprint)
     return embedding

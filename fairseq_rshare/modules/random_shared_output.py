@@ -55,6 +55,10 @@ def pool_scores_is_cheaper(num_words, embed_dim, num_subvectors, scores_per_toke
     return pool_scores < materialize
 
 
+def index_mapping_after_loading(module, incompatible_keys):
+    module.index_mapping()
+
+
 class RandomSharedOutput(nn.Module):
     """Output layer over a RandomSharedEmbedding: logit(w) = sum_k h_k . pool[mapping[w, k]].
 
@@ -85,16 +89,9 @@ class RandomSharedOutput(nn.Module):
         if path not in OUTPUT_PATHS:
             raise RShareConfigError(f"path must be one of {OUTPUT_PATHS}, got {path!r}")
         self.table = table
-        K, M = table.num_subvectors, table.pool_size
-        # The mapping as columns of the pool-score table: per-position pools score each slice
-        # against its own block, a global pool against all K*M (so position k is offset by k*M).
-        if table.pool_kind == "position":
-            mapping_columns = table.mapping
-        else:
-            mapping_columns = table.mapping + torch.arange(K) * M
-        self.register_buffer("mapping_columns", mapping_columns.to(torch.int32).contiguous(), persistent=False)
-        column_uses = torch.bincount(self.mapping_columns.flatten().long(), minlength=K * M if table.pool_kind == "global" else M)
-        self.register_buffer("column_uses", column_uses, persistent=False)
+        self.index_mapping()
+        # A table's stored (learned) mapping replaces its placeholder when the table loads.
+        self.register_load_state_dict_post_hook(index_mapping_after_loading)
         self._weight, self._weight_version = None, None
         self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
         if table.word_scale is not None:
@@ -106,6 +103,20 @@ class RandomSharedOutput(nn.Module):
         self.evaluation_seconds = {}  # path -> seconds per token, timed on real evaluation calls
         if self.path_on("cpu") == "pool-scores" and not torch.cuda.is_available():
             extension()  # compile or load the fused kernel now, not inside the first timed step
+
+    def index_mapping(self):
+        """The table's mapping as columns of the pool-score table: per-position pools score each
+        slice against its own block, a global pool against all K*M (so position k is offset by
+        k*M); and how many words use each column."""
+        table = self.table
+        K, M = table.num_subvectors, table.pool_size
+        if table.pool_kind == "position":
+            mapping_columns = table.mapping
+        else:
+            mapping_columns = table.mapping + torch.arange(K, device=table.mapping.device) * M
+        self.register_buffer("mapping_columns", mapping_columns.to(torch.int32).contiguous(), persistent=False)
+        column_uses = torch.bincount(self.mapping_columns.flatten().long(), minlength=K * M if table.pool_kind == "global" else M)
+        self.register_buffer("column_uses", column_uses, persistent=False)
 
     def cost_shape(self):
         """(V, H, K, pool scores per token): the cost model's arguments for this layer."""
@@ -237,6 +248,7 @@ class RandomSharedOutput(nn.Module):
 
     def pool_scores(self, features):
         """(tokens, R) scores of each token's K slices against the pool entries they can meet."""
+        self.table.check_mapping_loaded()
         K, M = self.table.num_subvectors, self.table.pool_size
         slices = features.reshape(-1, K, features.shape[-1] // K).transpose(0, 1)
         if self.table.pool_kind == "position":
