@@ -153,6 +153,11 @@ def test_a_wrong_or_missing_stored_mapping_is_refused():
         tiny_lm().load_state_dict(state)
 
 
+def test_frequent_words_need_the_random_mapping():
+    with pytest.raises(RShareConfigError, match="--rshare-mapping kmeans learns every word's entries: drop one"):
+        tiny_lm(rshare_mapping="kmeans", rshare_frequent_words=3)
+
+
 # Real compressions: dense models trained by fairseq-train, compressed by the command.
 
 COMMON = ["--cpu", "--optimizer", "adam", "--lr", "0.01", "--no-progress-bar", "--log-format", "simple",
