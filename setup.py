@@ -23,6 +23,7 @@ setup(
         "console_scripts": [
             "fairseq-rshare-demo=fairseq_rshare.cli.demo:main",
             "fairseq-rshare-export=fairseq_rshare.cli.export:main",
+            "fairseq-rshare-compress=fairseq_rshare.cli.compress:main",
         ]
     },
 )

@@ -5,12 +5,19 @@ Word w's vector is the concatenation of K sub-vectors; slot (w, k) reads pool en
 seed) with integer arithmetic only (a SplitMix64 hash of the slot number, then a stable
 sort), so it is the same on every machine and every numpy/torch version.  A checkpoint
 keeps only :func:`fingerprint` of the table, to detect a table that regenerated differently.
+A learned mapping (fairseq-rshare-compress's k-means) cannot be regenerated: the checkpoint
+stores it, and it costs :func:`learned_mapping_size`.
 """
 import hashlib
+import math
 
 import numpy as np
 
 POOL_KINDS = ("position", "global")
+
+# random: regenerated from the seed (the paper's); kmeans, kmeans-balanced: learned from a
+# trained dense table by fairseq-rshare-compress, and stored in the checkpoint.
+MAPPING_KINDS = ("random", "kmeans", "kmeans-balanced")
 
 # The version of the algorithm below, recorded in checkpoints (as thinc names HashEmbed.v1): a
 # change that moves any slot is a new version, and the old one stays to load old checkpoints.
@@ -74,3 +81,11 @@ def fingerprint(mapping):
     table = np.ascontiguousarray(mapping, dtype="<i8")
     digest = hashlib.sha256(repr(table.shape).encode() + table.tobytes())
     return digest.hexdigest()[:15]
+
+
+def learned_mapping_size(num_words, num_subvectors, pool_size, pool_kind="position"):
+    """(bits, bytes) of a stored mapping packed tight: V*K entries, each of ceil(log2(the
+    entries a slot can read)) bits (M/K per-position, M global)."""
+    choices = pool_size // num_subvectors if pool_kind == "position" else pool_size
+    bits = num_words * num_subvectors * max(1, math.ceil(math.log2(choices)))
+    return bits, math.ceil(bits / 8)

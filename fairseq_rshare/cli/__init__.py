@@ -1,5 +1,5 @@
-"""The command-line side: fairseq-rshare-demo, fairseq-rshare-export, and one-line errors in
-every command-line run of a fairseq tool with the plugin.
+"""The command-line side: fairseq-rshare-demo, fairseq-rshare-export, fairseq-rshare-compress,
+and one-line errors in every command-line run of a fairseq tool with the plugin.
 
 Importing the plugin changes nothing process-wide in a library user's program; only when the
 running program is a command-line tool (fairseq-train, python -m fairseq_cli.train, the

@@ -33,31 +33,47 @@ PARENT_ARCHS = {
 }
 
 
-def load_rshare_model(path, data):
-    """The rshare model in `path` (dictionaries from `data`, else from where it was trained),
-    its checkpoint state, and its architecture's name."""
+def read_checkpoint(path, data, overrides=None):
+    """The state in checkpoint `path` (its data folder replaced by `data`, when given; other
+    options by `overrides`) and its architecture's name."""
     if not os.path.isfile(path):
         raise RShareConfigError(f"no checkpoint at {path}")
-    # Only the V x H matrices are needed: the materialize path compiles no kernel.
-    overrides = {"rshare_output_path": "materialize", **({"data": data} if data else {})}
+    overrides = {**(overrides or {}), **({"data": data} if data else {})}
     state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=overrides)
     model_cfg = state["cfg"]["model"] if state.get("cfg") else None
-    arch = getattr(model_cfg, "arch", None) or getattr(model_cfg, "_name", None)
-    if arch not in PARENT_ARCHS:
-        raise RShareConfigError(
-            f"{path} is not an rshare checkpoint (architecture {arch}): "
-            f"only {', '.join(PARENT_ARCHS)} export"
-        )
+    return state, getattr(model_cfg, "arch", None) or getattr(model_cfg, "_name", None)
+
+
+def checkpoint_task(state):
+    """The task a checkpoint was trained on, with its dictionaries."""
     try:
-        task = tasks.setup_task(state["cfg"]["task"])
+        return tasks.setup_task(state["cfg"]["task"])
     except FileNotFoundError as error:
         raise RShareConfigError(
             f"cannot read the dictionary {error.filename}: pass --data with the "
             "fairseq-preprocess folder the model was trained on"
         ) from error
+
+
+def checkpoint_model(task, state):
+    """The model of a checkpoint, with its weights."""
+    model_cfg = state["cfg"]["model"]
     model = task.build_model(model_cfg)
     model.load_state_dict(state["model"], strict=True, model_cfg=model_cfg)
-    return model, state, arch
+    return model
+
+
+def load_rshare_model(path, data):
+    """The rshare model in `path` (dictionaries from `data`, else from where it was trained),
+    its checkpoint state, and its architecture's name."""
+    # Only the V x H matrices are needed: the materialize path compiles no kernel.
+    state, arch = read_checkpoint(path, data, {"rshare_output_path": "materialize"})
+    if arch not in PARENT_ARCHS:
+        raise RShareConfigError(
+            f"{path} is not an rshare checkpoint (architecture {arch}): "
+            f"only {', '.join(PARENT_ARCHS)} export"
+        )
+    return checkpoint_model(checkpoint_task(state), state), state, arch
 
 
 def dense_state_dict(model, parent, tied):
@@ -69,6 +85,7 @@ def dense_state_dict(model, parent, tied):
         if isinstance(module, RandomSharedEmbedding):
             del state[f"{name}.pool"], state[f"{name}.mapping_fingerprint"], state[f"{name}.mapping_version"]
             state.pop(f"{name}.word_scale", None)
+            state.pop(f"{name}.stored_mapping", None)
             if id(module) not in dense:
                 dense[id(module)] = module.materialized_weight().detach()
             if not name.endswith(".output_projection.table"):

@@ -52,6 +52,10 @@ class RShareConfig(FairseqDataclass):
         default="position",
         metadata={"help": "position: slot k draws only from its own M/K entries (fast output layer); global: any entry anywhere (the paper's single pool)"},
     )
+    rshare_mapping: ChoiceEnum(["random", "kmeans", "kmeans-balanced"]) = field(
+        default="random",
+        metadata={"help": "random: the fixed random mapping regenerated from --rshare-seed (the paper's); kmeans, kmeans-balanced: learned from a trained dense table by fairseq-rshare-compress and stored in its checkpoint (only loading one can give it)"},
+    )
     rshare_seed: int = field(
         default=1, metadata={"help": "seed of the fixed random mapping (not the training seed)"}
     )
@@ -194,6 +198,12 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
     if args.rshare_init_std is not None and not args.rshare_init_std > 0:
         raise RShareConfigError(f"--rshare-init-std must be above 0, got {args.rshare_init_std}")
     private_words = most_frequent_words(dictionary, args.rshare_frequent_words)
+    mapping_kind = str(args.rshare_mapping)
+    if private_words and mapping_kind != "random":
+        raise RShareConfigError(
+            f"--rshare-frequent-words gives words private entries of the random mapping, but "
+            f"--rshare-mapping {mapping_kind} learns every word's entries: drop one of them"
+        )
     from_ratio = flag != "--rshare-pool-size"
     names = {**FLAG_NAMES, "pool_size": f"{flag} {value}, a pool of"} if from_ratio else FLAG_NAMES
     check_table_shape(V, embed_dim, K, pool_size, str(args.rshare_pool_kind), len(private_words), names=names)
@@ -210,6 +220,7 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
         pool_kind=str(args.rshare_pool_kind),
         seed=args.rshare_seed + SEED_OFFSETS[table],
         private_words=private_words,
+        mapping_kind=mapping_kind,
     )
     # A checkpoint of another table is refused naming these, the flags (the module's own seed
     # is --rshare-seed plus the table's offset).

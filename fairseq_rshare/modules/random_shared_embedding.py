@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RShareConfigError
-from ..mapping import MAPPING_VERSION, POOL_KINDS, fingerprint, make_mapping
+from ..mapping import MAPPING_KINDS, MAPPING_VERSION, POOL_KINDS, fingerprint, make_mapping
 
 # A checkpoint keeps the 60-bit fingerprint as four 15-bit numbers: fairseq's
 # scripts/average_checkpoints.py sums integer buffers over the checkpoints, then floor-divides,
@@ -29,6 +29,11 @@ def fingerprint_of_parts(parts):
 
 # Slot indices stay below 2**31 so that every index kernel (and int32 users) can address them.
 MAX_SLOTS = 2**31 - 1
+
+
+# A stored mapping is int32, not int16 where the pool would allow it: average_checkpoints.py
+# sums integer buffers over the checkpoints before dividing, and int16 sums overflow.
+STORED_MAPPING_DTYPE = torch.int32
 
 
 # How check_table_shape names what to change: the arguments here; the builder passes the flags.
@@ -106,7 +111,10 @@ class RandomSharedEmbedding(nn.Module):
 
     Only ``pool`` (M x H/K) is trained.  ``mapping`` (V x K, pool row of each slot) is
     regenerated from the settings and is not saved; ``mapping_fingerprint`` is saved, and
-    loading weights made with a different table is an error.  ``private_words`` (the
+    loading weights made with a different table is an error.  A learned ``mapping_kind``
+    (kmeans, kmeans-balanced: made by fairseq-rshare-compress) is saved as ``stored_mapping``
+    and replaces the regenerated one on loading, checked against the saved fingerprint; the
+    table cannot be used before one is loaded.  ``private_words`` (the
     frequency-aware variant) get entries no other word uses; ``word_scale`` adds a trained
     scale per word and sub-vector.  The pool starts normal with std ``init_std``, by default
     H**-0.5 as fairseq's embeddings.
@@ -124,6 +132,7 @@ class RandomSharedEmbedding(nn.Module):
         private_words=(),
         word_scale=False,
         init_std=None,
+        mapping_kind="random",
     ):
         super().__init__()
         private_words = [int(word) for word in private_words]
@@ -138,20 +147,20 @@ class RandomSharedEmbedding(nn.Module):
         self.pool_kind = pool_kind
         self.seed = seed
         self.private_words = private_words
+        if mapping_kind not in MAPPING_KINDS:
+            raise RShareConfigError(f"mapping kind must be one of {MAPPING_KINDS}, got {mapping_kind!r}")
+        self.mapping_kind = mapping_kind
         mapping = make_mapping(num_embeddings, num_subvectors, pool_size, pool_kind, seed, private_words)
-        self.fingerprint = fingerprint(mapping)
         # What a refused checkpoint's message names (a builder from flags names the flags).
         self.settings = (
             f"V={num_embeddings}, K={num_subvectors}, M={pool_size}, pool kind={pool_kind}, "
             f"seed={seed}, private words={len(private_words)}"
         )
-        self.register_buffer("mapping", torch.from_numpy(mapping), persistent=False)
-        # The inverse of the mapping for GatherPoolRows: the slots (word * K + k) grouped by pool
-        # row, and where each row's group starts.
-        slots = torch.from_numpy(mapping).flatten()
-        uses = torch.bincount(slots, minlength=pool_size)
-        self.register_buffer("slots_by_row", torch.argsort(slots, stable=True).int(), persistent=False)
-        self.register_buffer("row_offsets", (torch.cumsum(uses, 0) - uses).int(), persistent=False)
+        self.use_mapping(torch.from_numpy(mapping))
+        if mapping_kind != "random":
+            # The regenerated mapping stands in (unusable) until the stored one loads; -1 saves as none.
+            self.register_buffer("stored_mapping", torch.full_like(self.mapping, -1, dtype=STORED_MAPPING_DTYPE))
+        self.mapping_loaded = mapping_kind == "random"
         self.register_buffer("mapping_fingerprint", torch.tensor(fingerprint_parts(self.fingerprint)))
         self.register_buffer("mapping_version", torch.tensor(MAPPING_VERSION))
         self.pool = nn.Parameter(torch.empty(pool_size, embedding_dim // num_subvectors))
@@ -160,7 +169,28 @@ class RandomSharedEmbedding(nn.Module):
         # share an entry can still weigh it differently.
         self.word_scale = nn.Parameter(torch.ones(num_embeddings, num_subvectors)) if word_scale else None
 
+    def use_mapping(self, mapping):
+        """Take `mapping` (V x K int64) as the table, with its fingerprint and inverse index."""
+        self.fingerprint = fingerprint(mapping.cpu().numpy())
+        self.register_buffer("mapping", mapping, persistent=False)
+        # The inverse of the mapping for GatherPoolRows: the slots (word * K + k) grouped by pool
+        # row, and where each row's group starts.
+        slots = mapping.flatten()
+        uses = torch.bincount(slots, minlength=self.pool_size)
+        self.register_buffer("slots_by_row", torch.argsort(slots, stable=True).int(), persistent=False)
+        self.register_buffer("row_offsets", (torch.cumsum(uses, 0) - uses).int(), persistent=False)
+
+    def check_mapping_loaded(self):
+        if not self.mapping_loaded:
+            raise RShareConfigError(
+                f"--rshare-mapping {self.mapping_kind} is learned from a trained dense model by "
+                "fairseq-rshare-compress and stored in its checkpoint, but none was loaded: start "
+                "from that checkpoint (fairseq-train --finetune-from-model), or train from "
+                "scratch with --rshare-mapping random"
+            )
+
     def forward(self, tokens):
+        self.check_mapping_loaded()
         vectors = F.embedding(self.mapping[tokens], self.pool)
         if self.word_scale is not None:
             vectors = vectors * self.word_scale[tokens].unsqueeze(-1)
@@ -171,20 +201,31 @@ class RandomSharedEmbedding(nn.Module):
 
     def materialized_weight(self):
         """The V x H matrix this module stands for (pad row included, not zeroed)."""
+        self.check_mapping_loaded()
         vectors = GatherPoolRows.apply(self.pool, self.mapping, self.slots_by_row, self.row_offsets)
         if self.word_scale is not None:
             vectors = vectors * self.word_scale.unsqueeze(-1)
         return vectors.flatten(1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Refuse weights of another table; read checkpoints saved before the fingerprint was
-        split in parts (one 60-bit number) and before the mapping version was recorded (1)."""
+        """Refuse weights of another table; adopt a stored mapping; read checkpoints saved before
+        the fingerprint was split in parts (one 60-bit number) and before the mapping version was
+        recorded (1)."""
         key, version_key = prefix + "mapping_fingerprint", prefix + "mapping_version"
         stored = state_dict.get(key)
         if stored is not None:
             if stored.dim() == 0:
                 stored = state_dict[key] = torch.tensor(fingerprint_parts(f"{int(stored):015x}"))
             stored_digest = fingerprint_of_parts(stored.tolist())
+            stored_table = state_dict.get(prefix + "stored_mapping")
+            if self.mapping_kind != "random":
+                self.adopt_stored_mapping(stored_table, stored_digest, prefix.rstrip("."))
+            elif stored_table is not None:
+                raise RShareConfigError(
+                    f"checkpoint table '{prefix.rstrip('.')}' holds a mapping learned by "
+                    "fairseq-rshare-compress: load it with the --rshare-mapping it was compressed "
+                    "with (kmeans or kmeans-balanced)"
+                )
             if stored_digest != self.fingerprint:
                 raise RShareConfigError(
                     f"checkpoint table '{prefix.rstrip('.')}' was trained with mapping fingerprint "
@@ -200,10 +241,41 @@ class RandomSharedEmbedding(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def adopt_stored_mapping(self, table, stored_digest, name):
+        """Take a checkpoint's stored mapping as the table, once it matches its fingerprint."""
+        V, K, M = self.num_embeddings, self.num_subvectors, self.pool_size
+        if table is None:
+            raise RShareConfigError(
+                f"checkpoint table '{name}' has no stored mapping (it was trained with "
+                "--rshare-mapping random): load it with --rshare-mapping random"
+            )
+        if tuple(table.shape) != (V, K):
+            raise RShareConfigError(
+                f"checkpoint table '{name}' stores a mapping of {tuple(table.shape)}, but this "
+                f"table is V x K = ({V}, {K}): load it with the dictionary it was compressed with"
+            )
+        if bool((table == -1).all()):
+            raise RShareConfigError(
+                f"checkpoint table '{name}' was saved before its learned mapping was loaded (it "
+                "never had one): start from a checkpoint written by fairseq-rshare-compress"
+            )
+        table = table.long().cpu()
+        low = torch.arange(K) * (M // K) if self.pool_kind == "position" else torch.zeros(K, dtype=torch.long)
+        high = low + (M // K if self.pool_kind == "position" else M)
+        in_range = bool(((table >= low) & (table < high)).all())
+        if not in_range or fingerprint(table.numpy()) != stored_digest:
+            raise RShareConfigError(
+                f"checkpoint table '{name}': the stored mapping does not match its fingerprint "
+                f"{stored_digest} (or reads entries outside its pool): the file was altered or "
+                "damaged; compress the dense model again"
+            )
+        self.use_mapping(table.to(self.mapping.device))
+        self.mapping_loaded = True
+
     def extra_repr(self):
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, K={self.num_subvectors}, "
             f"pool={self.pool_size} ({self.pool_kind}), seed={self.seed}, "
             f"private_words={len(self.private_words)}, word_scale={self.word_scale is not None}, "
-            f"fingerprint={self.fingerprint}"
+            f"mapping={self.mapping_kind}, fingerprint={self.fingerprint}"
         )

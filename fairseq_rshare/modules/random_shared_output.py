@@ -9,6 +9,10 @@ from .output_path import OUTPUT_PATHS, PathChooser
 from .random_shared_embedding import RandomSharedEmbedding
 
 
+def index_mapping_after_loading(module, incompatible_keys):
+    module.index_mapping()
+
+
 class RandomSharedOutput(nn.Module):
     """Output layer over a RandomSharedEmbedding: logit(w) = sum_k h_k . pool[mapping[w, k]].
 
@@ -38,6 +42,8 @@ class RandomSharedOutput(nn.Module):
             raise RShareConfigError(f"path must be one of {OUTPUT_PATHS}, got {path!r}")
         self.table = table
         self.index_mapping()
+        # A table's stored (learned) mapping replaces its placeholder when the table loads.
+        self.register_load_state_dict_post_hook(index_mapping_after_loading)
         self._weight, self._weight_version = None, None
         self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
         if table.word_scale is not None:
@@ -131,6 +137,7 @@ class RandomSharedOutput(nn.Module):
 
     def pool_scores(self, features):
         """(tokens, R) scores of each token's K slices against the pool entries they can meet."""
+        self.table.check_mapping_loaded()
         K, M = self.table.num_subvectors, self.table.pool_size
         slices = features.reshape(-1, K, features.shape[-1] // K).transpose(0, 1)
         if self.table.pool_kind == "position":
