@@ -1,9 +1,10 @@
 """Reading fairseq checkpoints safely, and failing clearly on a file that cannot be read.
 
-torch >= 2.6 loads with weights_only=True; fairseq checkpoints hold argparse.Namespace, which
-is allow-listed here (nothing else is needed, and safe loading stays on).  fairseq's own
-loader shows a truncated or corrupt file as a deep traceback from torch; wrapping it turns
-that into one line naming the file.
+torch >= 2.6 loads with weights_only=True; fairseq checkpoints hold argparse.Namespace (the
+options of argparse-based architectures and optimizers, e.g. lstm_lm, sgd).  The plugin's loads
+allow that one class for the length of each load (safe loading stays on); importing the plugin
+allow-lists nothing.  fairseq's own loader shows a truncated or corrupt file as a deep traceback
+from torch; wrapping it turns that into one line naming the file.
 """
 import argparse
 import functools
@@ -16,7 +17,7 @@ from fairseq import checkpoint_utils
 
 from .errors import RShareConfigError
 
-torch.serialization.add_safe_globals([argparse.Namespace])
+FAIRSEQ_GLOBALS = [argparse.Namespace]
 
 
 class RShareCheckpointError(RShareConfigError):
@@ -29,7 +30,8 @@ _fairseq_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
 @functools.wraps(_fairseq_load_checkpoint_to_cpu)
 def load_checkpoint_to_cpu(path, *args, **kwargs):
     try:
-        return _fairseq_load_checkpoint_to_cpu(path, *args, **kwargs)
+        with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+            return _fairseq_load_checkpoint_to_cpu(path, *args, **kwargs)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         unreadable = unreadable_checkpoint_reason(error)
         if unreadable is None:
@@ -44,6 +46,10 @@ def unreadable_checkpoint_reason(error):
     message = str(error)
     if isinstance(error, RuntimeError) and "PytorchStreamReader" not in message:
         return None
+    blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", message)
+    if blocked:
+        return (f"it holds code ({blocked.group(1)}) that torch's safe loading (weights_only) refused "
+                "to run: the file may be malicious; load only checkpoints you trust")
     if "Unsupported global" in message:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
         return (f"it holds a pickled {found.group(1) if found else 'object'} that torch's safe loading "
@@ -52,7 +58,8 @@ def unreadable_checkpoint_reason(error):
 
 
 def install():
-    """Make fairseq's checkpoint loader fail with one line (done for command-line runs only)."""
+    """Make fairseq's checkpoint loader allow argparse.Namespace and fail with one line (done
+    for command-line runs only: fairseq-train --user-dir resumes its checkpoints through it)."""
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
 
 
@@ -61,7 +68,8 @@ def parameters_by_component(checkpoint):
 
     Tied tables count once (named_parameters yields a shared tensor once, as the input).
     """
-    [model], _ = checkpoint_utils.load_model_ensemble([checkpoint])
+    with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+        [model], _ = checkpoint_utils.load_model_ensemble([checkpoint])
     counts = {"input": 0, "output": 0, "body": 0}
     for name, parameter in model.named_parameters():
         if "embed_tokens" in name:

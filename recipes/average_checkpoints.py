@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from fairseq_rshare.checkpoints import unreadable_checkpoint_reason
+from fairseq_rshare.checkpoints import FAIRSEQ_GLOBALS, unreadable_checkpoint_reason
 
 
 def fail(message):
@@ -39,7 +39,8 @@ def load(path):
     """The checkpoint as fairseq saved it (plain containers, loadable with weights_only), its
     optimizer state (often twice the model) dropped at once."""
     try:
-        state = torch.load(path, map_location="cpu")
+        with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+            state = torch.load(path, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - any unreadable file ends in one line
         fail(f"cannot read {path}: {unreadable_checkpoint_reason(error) or error}")
     state.pop("last_optimizer_state", None)

@@ -142,7 +142,9 @@ LOGITS_SCRIPT = """
 import sys, torch, fairseq_rshare
 from fairseq import checkpoint_utils
 from fairseq.models import FairseqEncoderDecoderModel
-[model], _ = checkpoint_utils.load_model_ensemble([sys.argv[1]])
+from fairseq_rshare.checkpoints import FAIRSEQ_GLOBALS
+with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+    [model], _ = checkpoint_utils.load_model_ensemble([sys.argv[1]])
 model.eval()
 torch.manual_seed(0)
 tokens = torch.randint(4, 40, (3, 9))
@@ -193,10 +195,13 @@ def test_hub_interface_translates(trained, nmt_data):
     import fairseq_rshare  # noqa: F401
     from fairseq_rshare.models.rshare_transformer import RShareTransformerModel
 
-    hub = RShareTransformerModel.from_pretrained(
-        str(trained("transformer")), checkpoint_file="checkpoint_last.pt",
-        data_name_or_path=str(nmt_data),
-    )
+    from fairseq_rshare.checkpoints import FAIRSEQ_GLOBALS
+
+    with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+        hub = RShareTransformerModel.from_pretrained(
+            str(trained("transformer")), checkpoint_file="checkpoint_last.pt",
+            data_name_or_path=str(nmt_data),
+        )
     translation = hub.translate("ein mann fährt fahrrad .", beam=4)
     assert isinstance(translation, str) and translation.strip()
 

@@ -5,7 +5,9 @@ transformer, transformer_iwslt_de_en) that stock fairseq tools and CTranslate2's
 load without the plugin: every random-shared table becomes the dense V x H matrix it stands for
 (its pad row as it is, not zeroed: the output layer scores the pad token with it, and the
 log-softmax sums over it), the random-shared output layer becomes the parent's dense output
-projection, the --rshare-* options go, and so does the optimizer state.
+projection, the --rshare-* options go, and so does the optimizer state.  A stateful_lm model
+becomes a language_modeling one, and an LSTM LM keeps no training window as its length limit
+(an LSTM has none; fairseq-eval-lm silently skips samples longer than the limit).
 """
 import argparse
 import collections
@@ -14,12 +16,16 @@ import sys
 from dataclasses import fields
 
 import torch
-from fairseq import checkpoint_utils, tasks
+from fairseq import tasks
+from fairseq.models.lstm_lm import DEFAULT_MAX_TARGET_POSITIONS
+from fairseq.tasks.language_modeling import LanguageModelingConfig
 from omegaconf import OmegaConf
 
+from ..checkpoints import load_checkpoint_to_cpu
 from ..errors import RShareConfigError
 from ..models.rshare_config import RShareConfig
 from ..modules import RandomSharedEmbedding, RandomSharedOutput
+from ..tasks.stateful_lm import StatefulLMConfig
 
 PARENT_ARCHS = {
     "rshare_lstm_lm": "lstm_lm",
@@ -31,6 +37,10 @@ PARENT_ARCHS = {
     "rshare_transformer_iwslt_de_en": "transformer_iwslt_de_en",
     "rshare_transformer_lm": "transformer_lm",
 }
+LANGUAGE_MODELING_OPTIONS = {option.name for option in fields(LanguageModelingConfig)}
+PLUGIN_OPTIONS = ({option.name for option in fields(RShareConfig)} - {"_name"}) | (
+    {option.name for option in fields(StatefulLMConfig)} - LANGUAGE_MODELING_OPTIONS)
+LSTM_LM_MAX_POSITIONS = int(DEFAULT_MAX_TARGET_POSITIONS)  # fairseq's own, for an lstm_lm with no window
 
 
 def read_checkpoint(path, data, overrides=None):
@@ -39,7 +49,7 @@ def read_checkpoint(path, data, overrides=None):
     if not os.path.isfile(path):
         raise RShareConfigError(f"no checkpoint at {path}")
     overrides = {**(overrides or {}), **({"data": data} if data else {})}
-    state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=overrides)
+    state = load_checkpoint_to_cpu(path, arg_overrides=overrides)
     model_cfg = state["cfg"]["model"] if state.get("cfg") else None
     return state, getattr(model_cfg, "arch", None) or getattr(model_cfg, "_name", None)
 
@@ -115,7 +125,7 @@ def dense_state_dict(model, parent, tied):
 
 
 def namespace_container(options):
-    """What an argparse.Namespace of model options becomes in the exported file.
+    """What an argparse.Namespace of options becomes in the exported file.
 
     torch's weights_only loader (the default since torch 2.6, which stock fairseq does not
     change) refuses argparse.Namespace, but CTranslate2's fairseq converter reads and sets the
@@ -129,28 +139,43 @@ def namespace_container(options):
 
 
 def stock_cfg(cfg, parent):
-    """The checkpoint's cfg as plain containers, for the parent arch, with nothing that points
-    back at the plugin: no --rshare-* options, no user dir, and fairseq's own name for the loss
-    that rshare_cross_entropy computes."""
+    """The checkpoint's cfg as plain containers, for the parent arch and a stock task, with
+    nothing that points back at the plugin: no --rshare-* or stateful_lm options, no user dir,
+    and fairseq's own name for the loss that rshare_cross_entropy computes.  Every
+    argparse.Namespace (the options of an argparse-based architecture, optimizer, scheduler...:
+    each holds the whole command line) gets the same treatment."""
     cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg["common"]["user_dir"] = None
     if cfg["criterion"]["_name"] == "rshare_cross_entropy":
         cfg["criterion"]["_name"] = "label_smoothed_cross_entropy"
-    legacy = isinstance(cfg["model"], argparse.Namespace)  # an argparse-based architecture
-    options = dict(vars(cfg["model"]) if legacy else cfg["model"])
-    for option in fields(RShareConfig):
-        options.pop(option.name, None)
-    options["_name"] = parent
-    if legacy:  # these options hold the whole command line
-        options.update(arch=parent, user_dir=None, criterion=cfg["criterion"]["_name"])
-    cfg["model"] = namespace_container(options) if legacy else options
+    if cfg["task"]["_name"] == "stateful_lm":
+        cfg["task"] = {key: value for key, value in cfg["task"].items() if key in LANGUAGE_MODELING_OPTIONS}
+        cfg["task"]["_name"] = "language_modeling"
+    limits = {"max_target_positions": LSTM_LM_MAX_POSITIONS} if parent == "lstm_lm" else {}
+    cfg["task"].update(limits)
+    command_line = dict(arch=parent, user_dir=None, criterion=cfg["criterion"]["_name"],
+                        task=cfg["task"]["_name"], **limits)
+    for section, options in cfg.items():
+        legacy = isinstance(options, argparse.Namespace)
+        if not (legacy or section == "model"):
+            continue
+        options = {key: value for key, value in (vars(options) if legacy else options).items()
+                   if key not in PLUGIN_OPTIONS}
+        if legacy:
+            options.update(command_line)
+        if section == "model":
+            options["_name"] = parent
+        cfg[section] = namespace_container(options) if legacy else options
     return cfg
 
 
 def export(path, output, data=None):
     """Write the stock fairseq checkpoint for the rshare checkpoint `path` to `output`."""
-    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
         raise RShareConfigError(f"the folder of {output} does not exist")
+    if os.path.realpath(output) == os.path.realpath(path):
+        raise RShareConfigError(f"{output} is the checkpoint being exported: give another output path")
     model, state, arch = load_rshare_model(path, data)
     parent = PARENT_ARCHS[arch]
     tied = bool(getattr(state["cfg"]["model"], "share_decoder_input_output_embed", False))
@@ -163,7 +188,16 @@ def export(path, output, data=None):
         "optimizer_history": state["optimizer_history"],
         "extra_state": state["extra_state"],
     }
-    torch.save(exported, output)
+    # Written beside the output, then renamed: an interrupted export leaves no partial file.
+    temporary = os.path.join(folder, f".{os.path.basename(output)}.{os.getpid()}.tmp")
+    try:
+        torch.save(exported, temporary)
+        os.replace(temporary, output)
+    except OSError as error:
+        raise RShareConfigError(f"cannot write {output}: {error.strerror or error}") from error
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return parent
 
 
