@@ -13,6 +13,7 @@ import fairseq_rshare  # noqa: F401
 from fairseq import checkpoint_utils, options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.trainer import Trainer
+from fairseq_rshare.checkpoints import FAIRSEQ_GLOBALS
 from fairseq_rshare.criterions.rshare_cross_entropy import RShareCrossEntropyCriterion
 from fairseq_rshare.criterions.rshare_distill import RShareDistillCriterion
 from fairseq_rshare.errors import RShareConfigError
@@ -113,7 +114,8 @@ def test_loss_and_gradient_match_an_independent_float64_computation(weight, temp
     loss, sample_size, logged = criterion(student, sample)
     loss.backward()
 
-    [teacher], _ = checkpoint_utils.load_model_ensemble([str(teachers())])
+    with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+        [teacher], _ = checkpoint_utils.load_model_ensemble([str(teachers())])
     with torch.no_grad():
         teacher_logits, _ = teacher.eval()(**sample["net_input"])
     scored = sample["target"].ne(pad)
@@ -150,7 +152,8 @@ def test_teacher_stays_frozen_through_fairseq_training_steps(lm_data, teachers):
     assert list(criterion.parameters()) == [] and not criterion.teacher.training
     optimised = {id(p) for group in trainer.optimizer.optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in model.parameters()}
-    saved = checkpoint_utils.load_checkpoint_to_cpu(str(teachers()))["model"]
+    with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+        saved = checkpoint_utils.load_checkpoint_to_cpu(str(teachers()))["model"]
     for name, value in criterion.teacher.state_dict().items():
         assert torch.equal(value, saved[name]), name
     assert set(criterion.teacher.decoder.carried_state) == {"eval"}  # it carried its own state
@@ -220,7 +223,8 @@ def assert_holds_no_teacher_tensor(checkpoint, teacher_path):
     weights = [t for t in teacher.values() if t.is_floating_point() and t.numel() > 1]
     for name, value in state["model"].items():
         assert not any(value.shape == t.shape and torch.equal(value, t) for t in weights), name
-    [student], _ = checkpoint_utils.load_model_ensemble([str(checkpoint)])
+    with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+        [student], _ = checkpoint_utils.load_model_ensemble([str(checkpoint)])
     optimised = sum(p["exp_avg"].numel() for p in state["last_optimizer_state"]["state"].values())
     assert optimised == sum(p.numel() for p in student.parameters())
 

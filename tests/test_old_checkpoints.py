@@ -9,6 +9,7 @@ from fairseq import checkpoint_utils
 
 import fairseq_rshare  # noqa: F401
 from conftest import REPO
+from fairseq_rshare.checkpoints import FAIRSEQ_GLOBALS
 
 OLD = os.path.join(REPO, "tests", "data", "old_checkpoints")
 FAMILIES = {"lstm_lm": "lm", "transformer_lm": "lm", "lstm": "nmt", "transformer": "nmt"}
@@ -17,8 +18,9 @@ FAMILIES = {"lstm_lm": "lm", "transformer_lm": "lm", "lstm": "nmt", "transformer
 @pytest.mark.parametrize("family", FAMILIES)
 def test_an_old_checkpoint_loads_and_gives_its_saved_outputs(family):
     kind = FAMILIES[family]
-    [model], _ = checkpoint_utils.load_model_ensemble(
-        [os.path.join(OLD, f"{family}.pt")], arg_overrides={"data": os.path.join(OLD, kind)})
+    with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):  # fairseq 0.12 saves argparse.Namespace
+        [model], _ = checkpoint_utils.load_model_ensemble(
+            [os.path.join(OLD, f"{family}.pt")], arg_overrides={"data": os.path.join(OLD, kind)})
     model.eval()
     expected = torch.load(os.path.join(OLD, f"{family}.expected.pt"))
     tokens = expected["tokens"]

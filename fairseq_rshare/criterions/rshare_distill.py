@@ -13,6 +13,7 @@ from fairseq import checkpoint_utils, utils
 from fairseq.criterions import register_criterion
 from fairseq.logging import metrics
 
+from ..checkpoints import FAIRSEQ_GLOBALS
 from ..errors import RShareConfigError
 from ..models.rshare_lstm_lm import RShareLSTMDecoder
 from ..tasks.stateful_lm import StatefulLMTask
@@ -60,7 +61,8 @@ def load_teacher(path, task):
         )
 
     try:
-        [teacher], _ = checkpoint_utils.load_model_ensemble([path], arg_overrides={"data": data} if data else None)
+        with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):  # a fairseq 0.12 checkpoint's cfg
+            [teacher], _ = checkpoint_utils.load_model_ensemble([path], arg_overrides={"data": data} if data else None)
     except RuntimeError as error:
         found = re.search(r"size mismatch for [^\n]*", str(error))
         if found is None:
