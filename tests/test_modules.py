@@ -11,7 +11,7 @@ from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConf
 from fairseq_rshare.kernels import extension, log_softmax_of_words, logsumexp_of_words, stock_word_logits
 from fairseq_rshare.mapping import fingerprint, make_mapping
 from fairseq_rshare.modules import pool_scores_is_cheaper
-from fairseq_rshare.models.rshare_config import FLAG_NAMES, most_frequent_words
+from fairseq_rshare.models.rshare_tables import FLAG_NAMES, most_frequent_words
 from fairseq_rshare.modules.random_shared_embedding import check_table_shape
 
 from conftest import tiny_lm
