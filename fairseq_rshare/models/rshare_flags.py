@@ -4,7 +4,7 @@ from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from ..mapping import MAPPING_KINDS, POOL_KINDS
+from ..mapping import MAPPING_KINDS, POOL_LAYOUTS
 from ..modules.output_path import OUTPUT_PATHS
 
 
@@ -29,7 +29,7 @@ class RShareConfig(FairseqDataclass):
         default=None,
         metadata={"help": "--rshare-ratio of an untied decoder-output table only"},
     )
-    rshare_pool_kind: ChoiceEnum(list(POOL_KINDS)) = field(
+    rshare_pool_kind: ChoiceEnum(list(POOL_LAYOUTS)) = field(
         default="position",
         metadata={"help": "position: slot k draws only from its own M/K entries (fast output layer); global: any entry anywhere (the paper's single pool)"},
     )

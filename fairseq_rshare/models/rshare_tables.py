@@ -1,20 +1,21 @@
 """The random-shared tables of an rshare model, built from the --rshare-* flags."""
 import logging
+import re
 
 import torch
 
 from ..errors import RShareConfigError
+from ..mapping import pool_size_of_ratio
 from ..modules import RandomSharedEmbedding, RandomSharedOutput
-from ..modules.random_shared_embedding import check_table_shape
-from ..modules.random_shared_output import OUTPUT_PATHS
+from ..modules.random_shared_embedding import TableSpec
 
 logger = logging.getLogger(__name__)
 
-# What the modules' checks call each setting, on the command line.
-FLAG_NAMES = {
-    "subvectors": "--rshare-subvectors", "pool_size": "--rshare-pool-size",
+# The modules' arguments, as their errors name them, and the flags that set them.
+FLAG_OF_ARGUMENT = {
+    "num_subvectors": "--rshare-subvectors", "pool_size": "--rshare-pool-size",
     "pool_kind": "--rshare-pool-kind", "private_words": "--rshare-frequent-words",
-    "larger_pool": "a larger --rshare-ratio",
+    "word_scale": "--rshare-word-scale", "use path": "use --rshare-output-path",
 }
 
 # Each table gets its own mapping: seed + offset (tied tables use the input table's).
@@ -64,7 +65,7 @@ def pool_size_of_setting(flag, value, num_words, num_subvectors):
         return value
     if not 0 < value < 1:
         raise RShareConfigError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
-    return pool_size_of_ratio(num_words, num_subvectors, value)  # K itself is checked by check_table_shape
+    return pool_size_of_ratio(num_words, num_subvectors, value)  # K itself is checked by the table
 
 
 def warn_of_a_moved_ratio(flag, ratio, num_words, num_subvectors, pool_size, table):
@@ -79,9 +80,12 @@ def warn_of_a_moved_ratio(flag, ratio, num_words, num_subvectors, pool_size, tab
         )
 
 
-def pool_size_of_ratio(num_words, num_subvectors, ratio):
-    """M for a table `ratio` the size of the dense one: ratio*V entries per position, at least 2."""
-    return max(2 * num_subvectors, round(ratio * num_words) * num_subvectors)
+def in_flag_words(error, **flags):
+    """A module's error with the arguments it names replaced by the flags that set them
+    (`flags`: argument -> words, over FLAG_OF_ARGUMENT)."""
+    words = {**FLAG_OF_ARGUMENT, **flags}
+    pattern = r"(?<![\w-])(" + "|".join(map(re.escape, words)) + r")(?![\w-])"
+    return RShareConfigError(re.sub(pattern, lambda match: words[match.group(1)], str(error)))
 
 
 def most_frequent_words(dictionary, count):
@@ -130,45 +134,34 @@ def build_rshare_embedding(args, dictionary, embed_dim, table):
             f"--rshare-frequent-words gives words private entries of the random mapping, but "
             f"--rshare-mapping {mapping_kind} learns every word's entries: drop one of them"
         )
+    spec = TableSpec(
+        num_words=V, embed_dim=embed_dim, num_subvectors=K, pool_size=pool_size,
+        pool_kind=str(args.rshare_pool_kind), mapping_kind=mapping_kind,
+        seed=args.rshare_seed + SEED_OFFSETS[table], private_words=tuple(private_words),
+        word_scale=args.rshare_word_scale, init_std=args.rshare_init_std,
+    )
     from_ratio = flag != "--rshare-pool-size"
-    names = {**FLAG_NAMES, "pool_size": f"{flag} {value}, a pool of"} if from_ratio else FLAG_NAMES
-    check_table_shape(V, embed_dim, K, pool_size, str(args.rshare_pool_kind), len(private_words), names=names)
+    try:
+        embedding = RandomSharedEmbedding.from_spec(spec, padding_idx=dictionary.pad())
+    except RShareConfigError as error:
+        pool_size_words = {"pool_size": f"{flag} {value}, a pool of"} if from_ratio else {}
+        raise in_flag_words(error, **pool_size_words, **{"a larger pool": f"a larger {flag}"}) from None
     if from_ratio:
         warn_of_a_moved_ratio(flag, value, V, K, pool_size, table)
-    embedding = RandomSharedEmbedding(
-        num_embeddings=V,
-        embedding_dim=embed_dim,
-        padding_idx=dictionary.pad(),
-        num_subvectors=K,
-        pool_size=pool_size,
-        word_scale=args.rshare_word_scale,
-        init_std=args.rshare_init_std,
-        pool_kind=str(args.rshare_pool_kind),
-        seed=args.rshare_seed + SEED_OFFSETS[table],
-        private_words=private_words,
-        mapping_kind=mapping_kind,
-    )
     # A checkpoint of another table is refused naming these, the flags (the module's own seed
     # is --rshare-seed plus the table's offset).
     embedding.settings = (
         f"{V} words, --rshare-subvectors {K}, {flag} {value} (a pool of {pool_size}), "
         f"--rshare-pool-kind {args.rshare_pool_kind}, --rshare-seed {args.rshare_seed}, "
-        f"--rshare-frequent-words {args.rshare_frequent_words}"
+        f"--rshare-frequent-words {args.rshare_frequent_words}, --rshare-mapping {mapping_kind}"
     )
+    embedding.mapping_setting = f"--rshare-mapping {mapping_kind}"
     check_same_on_all_ranks(embedding.fingerprint)
     return embedding
 
 
 def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
     """The decoder's random-shared output layer, or None when it stays dense."""
-    path = str(args.rshare_output_path)
-    if path not in OUTPUT_PATHS:
-        raise RShareConfigError(f"--rshare-output-path must be one of {OUTPUT_PATHS}, got {path!r}")
-    if args.rshare_word_scale and path == "pool-scores":
-        raise RShareConfigError(
-            "--rshare-word-scale runs on the materialize output path only: use "
-            "--rshare-output-path materialize or auto"
-        )
     tied = bool(getattr(args, "share_decoder_input_output_embed", False))
     if tied:
         check_tied(tables, "decoder-input", "decoder-output", "--share-decoder-input-output-embed")
@@ -185,11 +178,13 @@ def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
                 f"--share-decoder-input-output-embed needs the decoder input dim "
                 f"({decoder_embed.embedding_dim}) to equal its output dim ({output_dim})"
             )
-        return RandomSharedOutput(
-            decoder_embed, bias=args.rshare_output_bias, path=str(args.rshare_output_path)
-        )
-    table = build_rshare_embedding(args, dictionary, output_dim, "decoder-output")
-    return RandomSharedOutput(table, bias=args.rshare_output_bias, path=str(args.rshare_output_path))
+        table = decoder_embed
+    else:
+        table = build_rshare_embedding(args, dictionary, output_dim, "decoder-output")
+    try:
+        return RandomSharedOutput(table, bias=args.rshare_output_bias, path=str(args.rshare_output_path))
+    except RShareConfigError as error:
+        raise in_flag_words(error) from None
 
 
 def check_tied(tables, first, second, flag):
