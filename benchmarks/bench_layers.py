@@ -32,7 +32,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def build(layer, variant, V, H, K, ratio):
-    from fairseq_rshare.models.rshare_config import pool_size_of_ratio
+    from fairseq_rshare.mapping import pool_size_of_ratio
     from fairseq_rshare.modules import RandomSharedEmbedding, RandomSharedOutput
 
     if variant == "dense":
@@ -159,7 +159,7 @@ def main():
         print(json.dumps(measure(*json.loads(args.one))))
         return
 
-    from fairseq_rshare.models.rshare_config import pool_size_of_ratio
+    from fairseq_rshare.mapping import pool_size_of_ratio
 
     cases, tokens, repeats = grid(args.smoke)
     bandwidth = copy_bandwidth()

@@ -6,8 +6,8 @@ scales) minimising ||D - D_hat||_F are:
 - without scales, in closed form: each entry is the mean of the dense sub-vectors of its slots;
 - with scales, by alternating exact minimisations (so the error never rises): the scales given
   the pool, s[w, k] = <d_wk, p> / <p, p>; the pool given the scales, p_j = sum s d / sum s^2.
-A learned mapping assigns slots by k-means of the dense sub-vectors: for per-position pools,
-position k's V sub-vectors into its M/K entries; for a global pool, all V*K into M.  Balanced,
+A learned mapping assigns slots by k-means of the dense sub-vectors, each block of positions
+that share entries (see mapping.PoolLayout) apart.  Balanced,
 every entry gets floor or ceil of the average number of slots, as the random mapping gives.
 """
 import torch
@@ -188,20 +188,18 @@ def kmeans(points, clusters, iterations=30, seed=0, balanced=False):
     return centroids, assignment
 
 
-def learned_mapping(dense, num_subvectors, pool_size, pool_kind="position", balanced=False,
-                    iterations=30, seed=0):
+def learned_mapping(dense, layout, balanced=False, iterations=30, seed=0):
     """(mapping, centroids): the V x K mapping k-means gives a dense V x H table, and the M
-    cluster centroids (a pool)."""
-    V, K = len(dense), num_subvectors
+    cluster centroids (a pool).  Each block of the PoolLayout `layout` (positions sharing
+    entries) is clustered apart, its i-th with seed + i: for per-position pools, position k's V
+    sub-vectors into its M/K entries; for a global pool, all V*K into M."""
+    V, K, M = len(dense), layout.num_subvectors, layout.pool_size
     slots = sub_vectors(dense.float(), K).reshape(V, K, -1)
-    if pool_kind == "global":
-        centroids, assignment = kmeans(slots.reshape(V * K, -1), pool_size, iterations, seed, balanced)
-        return assignment.reshape(V, K), centroids
-    per_position = pool_size // K
     mapping = torch.empty(V, K, dtype=torch.long)
-    pool = torch.empty(pool_size, slots.shape[2])
-    for k in range(K):
-        centroids, assignment = kmeans(slots[:, k], per_position, iterations, seed + k, balanced)
-        mapping[:, k] = k * per_position + assignment
-        pool[k * per_position:(k + 1) * per_position] = centroids
+    pool = torch.empty(M, slots.shape[2])
+    for index, (positions, first, entries) in enumerate(layout.blocks()):
+        points = slots[:, positions].reshape(V * len(positions), -1)
+        centroids, assignment = kmeans(points, entries, iterations, seed + index, balanced)
+        mapping[:, positions] = first + assignment.reshape(V, len(positions))
+        pool[first:first + entries] = centroids
     return mapping, pool

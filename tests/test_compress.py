@@ -108,7 +108,7 @@ def with_learned_mappings(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
     for name, table in tables_of(model):
         dense = torch.randn(table.num_embeddings, table.embedding_dim, generator=generator)
-        mapping, pool = learned_mapping(dense, table.num_subvectors, table.pool_size, iterations=5, seed=seed)
+        mapping, pool = learned_mapping(dense, table.layout, iterations=5, seed=seed)
         state[f"{name}.pool"] = pool
         state[f"{name}.stored_mapping"] = mapping.int()
         state[f"{name}.mapping_fingerprint"] = torch.tensor(fingerprint_parts(fingerprint(mapping.numpy())))

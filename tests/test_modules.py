@@ -1,3 +1,5 @@
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -7,12 +9,13 @@ from torch.func import functional_call
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.data import Dictionary
 
+import fairseq_rshare
 from fairseq_rshare import RandomSharedEmbedding, RandomSharedOutput, RShareConfigError
 from fairseq_rshare.kernels import extension, log_softmax_of_words, logsumexp_of_words, stock_word_logits
-from fairseq_rshare.mapping import fingerprint, make_mapping
+from fairseq_rshare.mapping import POOL_LAYOUTS, PoolLayout, fingerprint, make_mapping
 from fairseq_rshare.modules import pool_scores_is_cheaper
-from fairseq_rshare.models.rshare_config import FLAG_NAMES, most_frequent_words
-from fairseq_rshare.modules.random_shared_embedding import check_table_shape
+from fairseq_rshare.models.rshare_flags import RShareConfig
+from fairseq_rshare.models.rshare_tables import most_frequent_words
 
 from conftest import tiny_lm
 
@@ -297,16 +300,54 @@ def test_invalid_tables_name_the_argument(V, H, K, M, kind, message):
         RandomSharedEmbedding(V, H, 1, K, M, pool_kind=kind)
 
 
-def test_the_builder_names_the_flags():
-    with pytest.raises(RShareConfigError, match="not divisible by --rshare-subvectors 4: pick a divisor of 30"):
-        check_table_shape(100, 30, 4, 40, "position", names=FLAG_NAMES)
-    with pytest.raises(RShareConfigError, match="or --rshare-pool-kind global"):
-        check_table_shape(100, 16, 4, 42, "position", names=FLAG_NAMES)
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"rshare_pool_size": 42}, "^--rshare-pool-size 42 is not divisible by --rshare-subvectors 4 "
+                                   r"\(per-position pools\): use 40 or 44, or --rshare-pool-kind global$"),
+        ({"rshare_pool_size": 40, "rshare_frequent_words": 9},
+         r"^--rshare-frequent-words 9 leaves .* use at most 8 \(or a larger --rshare-pool-size\)$"),
+        ({"rshare_input_ratio": 0.999}, "^--rshare-input-ratio 0.999, a pool of 256 gives no compression"),
+        ({"rshare_word_scale": True, "rshare_output_path": "pool-scores"},
+         "^--rshare-word-scale runs on the materialize output path only: use --rshare-output-path materialize or auto$"),
+    ],
+)
+def test_the_builder_names_the_flags(flags, message):
+    with pytest.raises(RShareConfigError, match=message):
+        tiny_lm(**flags)
+
+
+def test_the_flags_offer_every_pool_layout():
+    choices = {field.name: field.type for field in RShareConfig.__dataclass_fields__.values()}
+    assert set(choices["rshare_pool_kind"]._member_names_) == set(POOL_LAYOUTS) >= {"position", "global"}
+
+
+@pytest.mark.parametrize("kind", sorted(POOL_LAYOUTS))
+def test_a_pool_layout_places_every_slot_in_its_entries_and_score_columns(kind):
+    V, K, M = 50, 4, 40
+    layout = POOL_LAYOUTS[kind](V, K, M)
+    assert isinstance(layout, PoolLayout)
+    mapping = torch.from_numpy(layout.random_mapping(seed=3, private_words=np.array([], dtype=np.int64)))
+    low, high = layout.entry_bounds()
+    assert bool(((mapping >= low) & (mapping < high)).all())
+    columns = layout.mapping_columns(mapping)
+    assert 0 <= int(columns.min()) and int(columns.max()) < layout.score_columns()
+    pool, slices = torch.randn(M, 3, dtype=torch.float64), torch.randn(K, 2, 3, dtype=torch.float64)
+    scores = layout.pool_scores(slices, pool).transpose(0, 1).reshape(2, -1)
+    expected = torch.einsum("ktd,vkd->tvk", slices, pool[mapping]).sum(-1)  # token t, word v
+    assert torch.allclose(scores[:, columns.long()].sum(-1), expected)
+
+
+def test_no_module_below_the_models_names_a_flag():
+    package = pathlib.Path(fairseq_rshare.__file__).parent
+    below = [*(package / "modules").glob("*.py"), *(package / "kernels").glob("*.py"),
+             package / "mapping.py", package / "compress.py"]
+    assert [path.name for path in below if "--rshare" in path.read_text()] == []
 
 
 @pytest.mark.parametrize("count", [9, 100])
 def test_too_many_private_words_are_refused(count):
-    with pytest.raises(RShareConfigError, match="private words.*use at most 8"):
+    with pytest.raises(RShareConfigError, match="private_words .*use at most 8"):
         RandomSharedEmbedding(100, 16, 1, 4, 40, private_words=range(count))
 
 
@@ -353,7 +394,7 @@ def test_pools_start_normal_with_the_std_of_rshare_init_std(init_std):
 
 def test_word_scale_refuses_the_pool_scores_path():
     table = RandomSharedEmbedding(40, 12, 1, 3, 30, word_scale=True)
-    with pytest.raises(RShareConfigError, match="a table with word_scale runs on path materialize"):
+    with pytest.raises(RShareConfigError, match="word_scale runs on the materialize output path only"):
         RandomSharedOutput(table, path="pool-scores")
 
 

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from .. import compress as fitting
 from ..errors import RShareConfigError
-from ..mapping import fingerprint, learned_mapping_size
+from ..mapping import LEARNED_MAPPINGS, fingerprint, learned_mapping_size
 from ..models.rshare_config import RShareConfig, add_rshare_args
 from ..modules import RandomSharedEmbedding, RandomSharedOutput
 from ..modules.random_shared_embedding import STORED_MAPPING_DTYPE, fingerprint_parts
@@ -88,19 +88,19 @@ def dense_key(name, dense_state):
 def fit_table(table, dense, rows, kmeans_iterations, scale_iterations):
     """The table's weights fitted to `dense` (V x H) over `rows`, its mapping, and its
     relative reconstruction error."""
-    if table.mapping_kind == "random":
+    if not table.stores_mapping:
         mapping, centroids = table.mapping, None
     else:
         mapping, centroids = fitting.learned_mapping(
-            dense, table.num_subvectors, table.pool_size, table.pool_kind,
-            balanced=table.mapping_kind == "kmeans-balanced", iterations=kmeans_iterations, seed=table.seed,
+            dense, table.layout, balanced=LEARNED_MAPPINGS[table.mapping_kind],
+            iterations=kmeans_iterations, seed=table.seed,
         )
     pool, scales = fitting.fit_pool(dense, mapping, table.pool_size, table.word_scale is not None,
                                     scale_iterations, rows, centroids)
     weights = {"pool": pool.to(table.pool.dtype)}
     if scales is not None:
         weights["word_scale"] = scales.to(table.word_scale.dtype)
-    if table.mapping_kind != "random":
+    if table.stores_mapping:
         weights["stored_mapping"] = mapping.to(STORED_MAPPING_DTYPE)
         weights["mapping_fingerprint"] = torch.tensor(fingerprint_parts(fingerprint(mapping.numpy())))
     error = fitting.relative_error(dense, fitting.reconstruct(pool, mapping, scales), rows)
@@ -110,7 +110,7 @@ def fit_table(table, dense, rows, kmeans_iterations, scale_iterations):
 def table_report(table, names, error):
     V, H, K, M = table.num_embeddings, table.embedding_dim, table.num_subvectors, table.pool_size
     parameters = table.pool.numel() + (table.word_scale.numel() if table.word_scale is not None else 0)
-    if table.mapping_kind == "random":
+    if not table.stores_mapping:
         mapping = "mapping 0 bytes (regenerated from --rshare-seed)"
     else:
         bits, size = learned_mapping_size(V, K, M, table.pool_kind)

@@ -1,87 +1,19 @@
-"""The --rshare-* flags, shared by every rshare architecture, and the one table builder they drive."""
-import logging
-from dataclasses import dataclass, field, fields
-from typing import Optional
+"""What every rshare architecture shares: adding the --rshare-* flags, and the checks of the parent
+architecture's flags against the random-shared tables.  The table builders are re-exported
+from rshare_tables, the flags' schema from rshare_flags."""
+from dataclasses import fields
 
-import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 from ..errors import RShareConfigError
-from ..modules import RandomSharedEmbedding, RandomSharedOutput
-from ..modules.random_shared_embedding import check_table_shape
-from ..modules.random_shared_output import OUTPUT_PATHS
+from .rshare_flags import RShareConfig
+from .rshare_tables import build_rshare_embedding, build_rshare_output, check_tied, rshare_tables
 
-logger = logging.getLogger(__name__)
-
-TABLES = ("encoder-input", "decoder-input", "decoder-output")
-
-# What the modules' checks call each setting, on the command line.
-FLAG_NAMES = {
-    "subvectors": "--rshare-subvectors", "pool_size": "--rshare-pool-size",
-    "pool_kind": "--rshare-pool-kind", "private_words": "--rshare-frequent-words",
-    "larger_pool": "a larger --rshare-ratio",
-}
-
-# Each table gets its own mapping: seed + offset (tied tables use the input table's).
-SEED_OFFSETS = {"encoder-input": 0, "decoder-input": 1, "decoder-output": 2}
-
-
-@dataclass
-class RShareConfig(FairseqDataclass):
-    rshare_subvectors: int = field(
-        default=8, metadata={"help": "K: sub-vectors per word vector (must divide the embed dim)"}
-    )
-    rshare_pool_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "M: pool entries per table, K*(entries per position); overrides --rshare-ratio"},
-    )
-    rshare_ratio: float = field(
-        default=0.1,
-        metadata={"help": "table size as a fraction of the dense V x H table: M = ratio*V*K, rounded to a multiple of K"},
-    )
-    rshare_input_ratio: Optional[float] = field(
-        default=None,
-        metadata={"help": "--rshare-ratio of the input tables only (encoder-input, decoder-input)"},
-    )
-    rshare_output_ratio: Optional[float] = field(
-        default=None,
-        metadata={"help": "--rshare-ratio of an untied decoder-output table only"},
-    )
-    rshare_pool_kind: ChoiceEnum(["position", "global"]) = field(
-        default="position",
-        metadata={"help": "position: slot k draws only from its own M/K entries (fast output layer); global: any entry anywhere (the paper's single pool)"},
-    )
-    rshare_mapping: ChoiceEnum(["random", "kmeans", "kmeans-balanced"]) = field(
-        default="random",
-        metadata={"help": "random: the fixed random mapping regenerated from --rshare-seed (the paper's); kmeans, kmeans-balanced: learned from a trained dense table by fairseq-rshare-compress and stored in its checkpoint (only loading one can give it)"},
-    )
-    rshare_seed: int = field(
-        default=1, metadata={"help": "seed of the fixed random mapping (not the training seed)"}
-    )
-    rshare_tables: str = field(
-        default="all",
-        metadata={"help": "comma-separated tables to random-share, from encoder-input, decoder-input, decoder-output; or all, or none (a dense baseline)"},
-    )
-    rshare_frequent_words: int = field(
-        default=0,
-        metadata={"help": "frequency-aware variant (not the paper's; 0 = off): the F most frequent words by the dictionary's counts get private sub-vectors, the rest share the remainder of the same pool"},
-    )
-    rshare_output_path: ChoiceEnum(["auto", "pool-scores", "materialize"]) = field(
-        default="auto",
-        metadata={"help": "how the random-shared output layer computes: pool-scores (never builds the V x H matrix), materialize (builds it once a batch, as dense), or auto (on CPU both are timed at the first training step, and on the first two evaluation calls, one path each, and the faster of each kept; a cost model of the shape before that and on other devices)"},
-    )
-    rshare_output_bias: bool = field(
-        default=False, metadata={"help": "add a per-word bias to the random-shared output layer"}
-    )
-    rshare_word_scale: bool = field(
-        default=False,
-        metadata={"help": "give every word a trained scale on each of its K sub-vectors (V*K more parameters, the importance weights of hash embeddings; not the paper's)"},
-    )
-    rshare_init_std: Optional[float] = field(
-        default=None,
-        metadata={"help": "standard deviation of the pool's normal initialisation (unset: H**-0.5, as fairseq's embeddings)"},
-    )
+__all__ = [
+    "RShareConfig", "add_rshare_args", "build_rshare_embedding", "build_rshare_output",
+    "check_share_all_embeddings", "dense_embed_path", "reject_adaptive_softmax",
+    "reject_parent_flags", "rshare_tables", "set_rshare_defaults",
+]
 
 
 def add_rshare_args(parser):
@@ -95,155 +27,9 @@ def set_rshare_defaults(args):
             setattr(args, option.name, option.default)
 
 
-def rshare_tables(args, model_tables):
-    """The set of tables to random-share, checked against those the model has."""
-    spec = str(args.rshare_tables).strip()
-    if spec == "all":
-        chosen = set(model_tables)
-    elif spec == "none":
-        chosen = set()
-    else:
-        chosen = {name.strip() for name in spec.split(",") if name.strip()}
-        unknown = chosen - set(model_tables)
-        if unknown or not chosen:
-            raise RShareConfigError(
-                f"--rshare-tables {spec!r}: this model's tables are {', '.join(model_tables)} "
-                "(comma-separated), or use all / none"
-            )
-    if args.rshare_input_ratio is not None and not chosen - {"decoder-output"}:
-        raise RShareConfigError("--rshare-input-ratio is set but no input table is random-shared (see --rshare-tables)")
-    if args.rshare_output_ratio is not None and "decoder-output" not in chosen:
-        raise RShareConfigError("--rshare-output-ratio is set but decoder-output is not random-shared (see --rshare-tables)")
-    return chosen
-
-
-def size_setting(args, table):
-    """The flag that sets the pool size of `table`, and its value: --rshare-pool-size, else
-    --rshare-input-ratio or --rshare-output-ratio when given, else --rshare-ratio."""
-    output = table == "decoder-output"
-    flag = "--rshare-output-ratio" if output else "--rshare-input-ratio"
-    ratio = args.rshare_output_ratio if output else args.rshare_input_ratio
-    if ratio is not None and args.rshare_pool_size is not None:
-        raise RShareConfigError(f"{flag} and --rshare-pool-size both set the size of {table}: use one")
-    if args.rshare_pool_size is not None:
-        return "--rshare-pool-size", args.rshare_pool_size
-    if ratio is None:
-        return "--rshare-ratio", args.rshare_ratio
-    return flag, ratio
-
-
-def pool_size_of_setting(flag, value, num_words, num_subvectors):
-    """M from size_setting's flag and value: the pool size itself, or the ratio times V*K."""
-    if flag == "--rshare-pool-size":
-        return value
-    if not 0 < value < 1:
-        raise RShareConfigError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
-    return pool_size_of_ratio(num_words, num_subvectors, value)  # K itself is checked by check_table_shape
-
-
-def warn_of_a_moved_ratio(flag, ratio, num_words, num_subvectors, pool_size, table):
-    """One warning line when the pool's ratio is not the one asked (by more than 1 %)."""
-    obtained = pool_size / (num_words * num_subvectors)
-    if abs(obtained - ratio) > 0.01 * ratio:
-        logger.warning(
-            f"fairseq_rshare: {flag} {ratio} gives {table} a ratio of {obtained:.3g}, not {ratio}: "
-            f"{ratio} x {num_words} words is {ratio * num_words:.3g} entries per position, and a pool "
-            f"has a whole number of them, at least 2 (one would give every word the same vector), "
-            f"so {pool_size // num_subvectors} per position, a pool of {pool_size}"
-        )
-
-
-def pool_size_of_ratio(num_words, num_subvectors, ratio):
-    """M for a table `ratio` the size of the dense one: ratio*V entries per position, at least 2."""
-    return max(2 * num_subvectors, round(ratio * num_words) * num_subvectors)
-
-
-def most_frequent_words(dictionary, count):
-    """Ids of the `count` most frequent words by the dictionary's counts (ties by id), never a
-    special symbol: a --srcdict or an external vocabulary need not be sorted by frequency."""
-    if count < 0:
-        raise RShareConfigError(f"--rshare-frequent-words must be 0 or more, got {count}")
-    if count == 0:
-        return []
-    words = range(dictionary.nspecial, len(dictionary))
-    if count > len(words):
-        raise RShareConfigError(
-            f"--rshare-frequent-words {count} is more than the {len(words)} words of the dictionary"
-        )
-    return sorted(words, key=lambda word: (-dictionary.count[word], word))[:count]
-
-
-def check_same_on_all_ranks(fingerprint):
-    """In distributed training every rank must regenerate the same table."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    fingerprints = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(fingerprints, fingerprint)
-    if len(set(fingerprints)) > 1:
-        raise RShareConfigError(
-            f"the ranks built different rshare mappings ({', '.join(fingerprints)}): start "
-            "every rank with the same --rshare-* flags and the same dictionary"
-        )
-
-
-def build_rshare_embedding(args, dictionary, embed_dim, table):
-    if sum(dictionary.count[dictionary.nspecial:]) == 0:
-        raise RShareConfigError(
-            f"the {table} dictionary has no word seen in the data, only fairseq's special "
-            "symbols: was the training data empty? Run fairseq-preprocess on a non-empty --trainpref"
-        )
-    V, K = len(dictionary), args.rshare_subvectors
-    flag, value = size_setting(args, table)
-    pool_size = pool_size_of_setting(flag, value, V, K)
-    if args.rshare_init_std is not None and not args.rshare_init_std > 0:
-        raise RShareConfigError(f"--rshare-init-std must be above 0, got {args.rshare_init_std}")
-    private_words = most_frequent_words(dictionary, args.rshare_frequent_words)
-    mapping_kind = str(args.rshare_mapping)
-    if private_words and mapping_kind != "random":
-        raise RShareConfigError(
-            f"--rshare-frequent-words gives words private entries of the random mapping, but "
-            f"--rshare-mapping {mapping_kind} learns every word's entries: drop one of them"
-        )
-    from_ratio = flag != "--rshare-pool-size"
-    names = {**FLAG_NAMES, "pool_size": f"{flag} {value}, a pool of"} if from_ratio else FLAG_NAMES
-    check_table_shape(V, embed_dim, K, pool_size, str(args.rshare_pool_kind), len(private_words), names=names)
-    if from_ratio:
-        warn_of_a_moved_ratio(flag, value, V, K, pool_size, table)
-    embedding = RandomSharedEmbedding(
-        num_embeddings=V,
-        embedding_dim=embed_dim,
-        padding_idx=dictionary.pad(),
-        num_subvectors=K,
-        pool_size=pool_size,
-        word_scale=args.rshare_word_scale,
-        init_std=args.rshare_init_std,
-        pool_kind=str(args.rshare_pool_kind),
-        seed=args.rshare_seed + SEED_OFFSETS[table],
-        private_words=private_words,
-        mapping_kind=mapping_kind,
-    )
-    # A checkpoint of another table is refused naming these, the flags (the module's own seed
-    # is --rshare-seed plus the table's offset).
-    embedding.settings = (
-        f"{V} words, --rshare-subvectors {K}, {flag} {value} (a pool of {pool_size}), "
-        f"--rshare-pool-kind {args.rshare_pool_kind}, --rshare-seed {args.rshare_seed}, "
-        f"--rshare-frequent-words {args.rshare_frequent_words}"
-    )
-    check_same_on_all_ranks(embedding.fingerprint)
-    return embedding
-
-
-def check_tied(tables, first, second, flag):
-    """Two tied tables must both be random-shared or both dense."""
-    if (first in tables) != (second in tables):
-        raise RShareConfigError(
-            f"{flag} ties {first} and {second}, but --rshare-tables random-shares only "
-            f"{first if first in tables else second}: list both tables or neither"
-        )
-
-
 def check_share_all_embeddings(args, tables, src_dict, tgt_dict):
-    """Validate --share-all-embeddings (which then implies decoder input-output tying); return it."""
+    """Whether --share-all-embeddings is set, checked against the dictionaries and tables (the
+    caller then ties the decoder's input and output too)."""
     if not args.share_all_embeddings:
         return False
     if src_dict != tgt_dict or args.encoder_embed_dim != args.decoder_embed_dim:
@@ -252,41 +38,7 @@ def check_share_all_embeddings(args, tables, src_dict, tgt_dict):
             "--encoder-embed-dim equal to --decoder-embed-dim"
         )
     check_tied(tables, "encoder-input", "decoder-input", "--share-all-embeddings")
-    args.share_decoder_input_output_embed = True
     return True
-
-
-def build_rshare_output(args, dictionary, output_dim, tables, decoder_embed):
-    """The decoder's random-shared output layer, or None when it stays dense."""
-    path = str(args.rshare_output_path)
-    if path not in OUTPUT_PATHS:
-        raise RShareConfigError(f"--rshare-output-path must be one of {OUTPUT_PATHS}, got {path!r}")
-    if args.rshare_word_scale and path == "pool-scores":
-        raise RShareConfigError(
-            "--rshare-word-scale runs on the materialize output path only: use "
-            "--rshare-output-path materialize or auto"
-        )
-    tied = bool(getattr(args, "share_decoder_input_output_embed", False))
-    if tied:
-        check_tied(tables, "decoder-input", "decoder-output", "--share-decoder-input-output-embed")
-    if "decoder-output" not in tables:
-        return None
-    if tied:
-        if args.rshare_output_ratio is not None:
-            raise RShareConfigError(
-                "--rshare-output-ratio sizes an untied output table, but --share-decoder-input-output-embed "
-                "(or --share-all-embeddings) makes the output reuse the input table: drop one of them"
-            )
-        if decoder_embed.embedding_dim != output_dim:
-            raise RShareConfigError(
-                f"--share-decoder-input-output-embed needs the decoder input dim "
-                f"({decoder_embed.embedding_dim}) to equal its output dim ({output_dim})"
-            )
-        return RandomSharedOutput(
-            decoder_embed, bias=args.rshare_output_bias, path=str(args.rshare_output_path)
-        )
-    table = build_rshare_embedding(args, dictionary, output_dim, "decoder-output")
-    return RandomSharedOutput(table, bias=args.rshare_output_bias, path=str(args.rshare_output_path))
 
 
 def reject_parent_flags(args, arch, flags):
@@ -310,9 +62,9 @@ def dense_embed_path(args, tables, table):
 
 
 def reject_adaptive_softmax(args):
+    """The adaptive-softmax criterion has no rshare counterpart (the caller then clears the cutoff)."""
     if getattr(args, "criterion", None) == "adaptive_loss":
         raise RShareConfigError(
             "rshare architectures have no adaptive softmax: use --criterion cross_entropy "
             "(or rshare_cross_entropy, which never builds tokens x V log-probabilities)"
         )
-    args.adaptive_softmax_cutoff = None

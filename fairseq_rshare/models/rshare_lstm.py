@@ -41,7 +41,8 @@ class RShareLSTMModel(LSTMModel):
         tables = rshare_tables(args, ("encoder-input", "decoder-input", "decoder-output"))
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
 
-        check_share_all_embeddings(args, tables, src_dict, tgt_dict)
+        if check_share_all_embeddings(args, tables, src_dict, tgt_dict):
+            args.share_decoder_input_output_embed = True  # one table for all three
 
         encoder_embed = decoder_embed = None
         if "encoder-input" in tables:
@@ -86,5 +87,6 @@ class RShareLSTMModel(LSTMModel):
 @register_model_architecture("rshare_lstm", "rshare_lstm")
 def rshare_lstm_architecture(args):
     reject_adaptive_softmax(args)
+    args.adaptive_softmax_cutoff = None
     set_rshare_defaults(args)
     lstm_base_architecture(args)

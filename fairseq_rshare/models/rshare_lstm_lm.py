@@ -134,6 +134,7 @@ class RShareLSTMLanguageModel(LSTMLanguageModel):
 @register_model_architecture("rshare_lstm_lm", "rshare_lstm_lm")
 def rshare_lstm_lm_architecture(args):
     reject_adaptive_softmax(args)
+    args.adaptive_softmax_cutoff = None
     set_rshare_defaults(args)
     lstm_lm_base_architecture(args)
 

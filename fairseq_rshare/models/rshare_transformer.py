@@ -51,6 +51,7 @@ class RShareTransformerModel(TransformerModel):
 
         encoder_embed = build_embedding(src_dict, args.encoder_embed_dim, "encoder-input")
         if check_share_all_embeddings(args, tables, src_dict, tgt_dict):
+            args.share_decoder_input_output_embed = True  # one table for all three
             decoder_embed = encoder_embed
         else:
             decoder_embed = build_embedding(tgt_dict, args.decoder_embed_dim, "decoder-input")

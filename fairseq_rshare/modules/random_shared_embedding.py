@@ -1,10 +1,13 @@
 """The random-shared token embedding (Li et al., AAAI 2018, arXiv 1711.09873)."""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RShareConfigError
-from ..mapping import MAPPING_KINDS, MAPPING_VERSION, POOL_KINDS, fingerprint, make_mapping
+from ..mapping import LEARNED_MAPPINGS, MAPPING_KINDS, MAPPING_VERSION, fingerprint, layout_of, make_mapping
 
 # A checkpoint keeps the 60-bit fingerprint as four 15-bit numbers: fairseq's
 # scripts/average_checkpoints.py sums integer buffers over the checkpoints, then floor-divides,
@@ -36,56 +39,56 @@ MAX_SLOTS = 2**31 - 1
 STORED_MAPPING_DTYPE = torch.int32
 
 
-# How check_table_shape names what to change: the arguments here; the builder passes the flags.
-ARGUMENT_NAMES = {
-    "subvectors": "num_subvectors", "pool_size": "pool_size", "pool_kind": "pool_kind",
-    "private_words": "the number of private words", "larger_pool": "a larger pool_size",
-}
+@dataclass(frozen=True)
+class TableSpec:
+    """What a RandomSharedEmbedding is built from: V words of H dims, K sub-vectors each, read
+    from a pool of M entries laid out as `pool_kind`, by the `mapping_kind` mapping (the random
+    one from `seed`, `private_words` getting entries of their own)."""
+
+    num_words: int
+    embed_dim: int
+    num_subvectors: int
+    pool_size: int
+    pool_kind: str = "position"
+    mapping_kind: str = "random"
+    seed: int = 1
+    private_words: Tuple[int, ...] = ()
+    word_scale: bool = False
+    init_std: Optional[float] = None
 
 
-def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind, private_words=0,
-                      names=ARGUMENT_NAMES):
-    """Raise RShareConfigError naming what to change when the table cannot be built
-    (private_words: how many words get private entries; names: how to call the settings)."""
+def check_table_shape(num_words, embed_dim, num_subvectors, pool_size, pool_kind, private_words=0):
+    """The table's PoolLayout, or RShareConfigError naming the argument to change when the table
+    cannot be built (private_words: how many words get private entries)."""
     V, H, K, M, F = num_words, embed_dim, num_subvectors, pool_size, private_words
-    n = names
     if K <= 0:
-        raise RShareConfigError(f"{n['subvectors']} must be positive, got {K}")
+        raise RShareConfigError(f"num_subvectors must be positive, got {K}")
     if M <= 0:
-        raise RShareConfigError(f"{n['pool_size']} must be positive, got {M}")
+        raise RShareConfigError(f"pool_size must be positive, got {M}")
     if K > H:
-        raise RShareConfigError(f"{n['subvectors']} {K} is larger than the embedding dim {H}: use at most {H}")
+        raise RShareConfigError(f"num_subvectors {K} is larger than the embedding dim {H}: use at most {H}")
     if H % K:
-        raise RShareConfigError(f"embedding dim {H} is not divisible by {n['subvectors']} {K}: pick a divisor of {H}")
-    if pool_kind not in POOL_KINDS:
-        raise RShareConfigError(f"{n['pool_kind']} must be one of {POOL_KINDS}, got {pool_kind!r}")
+        raise RShareConfigError(f"embedding dim {H} is not divisible by num_subvectors {K}: pick a divisor of {H}")
+    layout = layout_of(pool_kind, V, K, M)
     if M < K:
-        raise RShareConfigError(f"{n['pool_size']} {M} is smaller than {n['subvectors']} {K}: use at least {K}")
-    if pool_kind == "position" and M % K:
-        raise RShareConfigError(
-            f"{n['pool_size']} {M} is not divisible by {n['subvectors']} {K} (per-position pools): "
-            f"use {M - M % K} or {M - M % K + K}, or {n['pool_kind']} global"
-        )
-    if pool_kind == "position" and M // K < 2:
-        raise RShareConfigError(
-            f"{n['pool_size']} {M} leaves one entry per position, so every word would get "
-            f"the same vector: use at least {2 * K} (or {n['larger_pool']})"
-        )
+        raise RShareConfigError(f"pool_size {M} is smaller than num_subvectors {K}: use at least {K}")
+    layout.check()
     if V * K > MAX_SLOTS:
         raise RShareConfigError(
-            f"a vocabulary of {V} words with {n['subvectors']} {K} has {V * K} slots, more "
+            f"a vocabulary of {V} words with num_subvectors {K} has {V * K} slots, more "
             f"than the {MAX_SLOTS} supported: use fewer sub-vectors or a smaller vocabulary"
         )
     if M >= V * K:
         raise RShareConfigError(
-            f"{n['pool_size']} {M} gives no compression for a vocabulary of {V} words "
+            f"pool_size {M} gives no compression for a vocabulary of {V} words "
             f"with {K} sub-vectors: use fewer than {V * K} entries (or a dense table)"
         )
     if F and M - F * K < 2 * K:
         raise RShareConfigError(
-            f"{n['private_words']} {F} leaves fewer than 2 shared entries per position in a "
+            f"private_words {F} leaves fewer than 2 shared entries per position in a "
             f"pool of {M}: use at most {M // K - 2} (or a larger pool)"
         )
+    return layout
 
 
 class GatherPoolRows(torch.autograd.Function):
@@ -120,6 +123,12 @@ class RandomSharedEmbedding(nn.Module):
     H**-0.5 as fairseq's embeddings.
     """
 
+    @classmethod
+    def from_spec(cls, spec: TableSpec, padding_idx):
+        return cls(spec.num_words, spec.embed_dim, padding_idx, spec.num_subvectors, spec.pool_size,
+                   spec.pool_kind, spec.seed, spec.private_words, spec.word_scale, spec.init_std,
+                   spec.mapping_kind)
+
     def __init__(
         self,
         num_embeddings,
@@ -136,7 +145,7 @@ class RandomSharedEmbedding(nn.Module):
     ):
         super().__init__()
         private_words = [int(word) for word in private_words]
-        check_table_shape(
+        self.layout = check_table_shape(
             num_embeddings, embedding_dim, num_subvectors, pool_size, pool_kind, len(private_words)
         )
         self.num_embeddings = num_embeddings
@@ -148,19 +157,22 @@ class RandomSharedEmbedding(nn.Module):
         self.seed = seed
         self.private_words = private_words
         if mapping_kind not in MAPPING_KINDS:
-            raise RShareConfigError(f"mapping kind must be one of {MAPPING_KINDS}, got {mapping_kind!r}")
+            raise RShareConfigError(f"mapping_kind must be one of {MAPPING_KINDS}, got {mapping_kind!r}")
         self.mapping_kind = mapping_kind
+        self.stores_mapping = mapping_kind in LEARNED_MAPPINGS
         mapping = make_mapping(num_embeddings, num_subvectors, pool_size, pool_kind, seed, private_words)
-        # What a refused checkpoint's message names (a builder from flags names the flags).
+        # What a refused checkpoint's or an unloaded mapping's message names (a builder from
+        # flags names the flags).
         self.settings = (
             f"V={num_embeddings}, K={num_subvectors}, M={pool_size}, pool kind={pool_kind}, "
             f"seed={seed}, private words={len(private_words)}"
         )
+        self.mapping_setting = f"mapping_kind {mapping_kind}"
         self.use_mapping(torch.from_numpy(mapping))
-        if mapping_kind != "random":
+        if self.stores_mapping:
             # The regenerated mapping stands in (unusable) until the stored one loads; -1 saves as none.
             self.register_buffer("stored_mapping", torch.full_like(self.mapping, -1, dtype=STORED_MAPPING_DTYPE))
-        self.mapping_loaded = mapping_kind == "random"
+        self.mapping_loaded = not self.stores_mapping
         self.register_buffer("mapping_fingerprint", torch.tensor(fingerprint_parts(self.fingerprint)))
         self.register_buffer("mapping_version", torch.tensor(MAPPING_VERSION))
         self.pool = nn.Parameter(torch.empty(pool_size, embedding_dim // num_subvectors))
@@ -183,10 +195,10 @@ class RandomSharedEmbedding(nn.Module):
     def check_mapping_loaded(self):
         if not self.mapping_loaded:
             raise RShareConfigError(
-                f"--rshare-mapping {self.mapping_kind} is learned from a trained dense model by "
+                f"{self.mapping_setting} is learned from a trained dense model by "
                 "fairseq-rshare-compress and stored in its checkpoint, but none was loaded: start "
                 "from that checkpoint (fairseq-train --finetune-from-model), or train from "
-                "scratch with --rshare-mapping random"
+                "scratch with the random mapping"
             )
 
     def forward(self, tokens):
@@ -218,13 +230,14 @@ class RandomSharedEmbedding(nn.Module):
                 stored = state_dict[key] = torch.tensor(fingerprint_parts(f"{int(stored):015x}"))
             stored_digest = fingerprint_of_parts(stored.tolist())
             stored_table = state_dict.get(prefix + "stored_mapping")
-            if self.mapping_kind != "random":
+            if self.stores_mapping:
                 self.adopt_stored_mapping(stored_table, stored_digest, prefix.rstrip("."))
             elif stored_table is not None:
                 raise RShareConfigError(
                     f"checkpoint table '{prefix.rstrip('.')}' holds a mapping learned by "
-                    "fairseq-rshare-compress: load it with the --rshare-mapping it was compressed "
-                    "with (kmeans or kmeans-balanced)"
+                    f"fairseq-rshare-compress, but these settings ({self.settings}) regenerate "
+                    f"the random one: load it with the learned mapping it was compressed with "
+                    f"({' or '.join(LEARNED_MAPPINGS)})"
                 )
             if stored_digest != self.fingerprint:
                 raise RShareConfigError(
@@ -246,8 +259,9 @@ class RandomSharedEmbedding(nn.Module):
         V, K, M = self.num_embeddings, self.num_subvectors, self.pool_size
         if table is None:
             raise RShareConfigError(
-                f"checkpoint table '{name}' has no stored mapping (it was trained with "
-                "--rshare-mapping random): load it with --rshare-mapping random"
+                f"checkpoint table '{name}' has no stored mapping (it was trained with the random "
+                f"mapping), but these settings ({self.settings}) learn one: load it with the "
+                "random mapping"
             )
         if tuple(table.shape) != (V, K):
             raise RShareConfigError(
@@ -260,8 +274,7 @@ class RandomSharedEmbedding(nn.Module):
                 "never had one): start from a checkpoint written by fairseq-rshare-compress"
             )
         table = table.long().cpu()
-        low = torch.arange(K) * (M // K) if self.pool_kind == "position" else torch.zeros(K, dtype=torch.long)
-        high = low + (M // K if self.pool_kind == "position" else M)
+        low, high = self.layout.entry_bounds()
         in_range = bool(((table >= low) & (table < high)).all())
         if not in_range or fingerprint(table.numpy()) != stored_digest:
             raise RShareConfigError(

@@ -48,24 +48,19 @@ class RandomSharedOutput(nn.Module):
         self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
         if table.word_scale is not None:
             if path == "pool-scores":
-                raise RShareConfigError("a table with word_scale runs on path materialize (or auto) only")
+                raise RShareConfigError("word_scale runs on the materialize output path only: use path materialize or auto")
             path = "materialize"
         V, H, K, M = table.num_embeddings, table.embedding_dim, table.num_subvectors, table.pool_size
-        self.chooser = PathChooser(path, (V, H, K, M if table.pool_kind == "position" else K * M),
+        self.chooser = PathChooser(path, (V, H, K, table.layout.score_columns()),
                                    f"rshare output layer (V={V}, H={H}, K={K}, M={M})")
 
     def index_mapping(self):
-        """The table's mapping as columns of the pool-score table: per-position pools score each
-        slice against its own block, a global pool against all K*M (so position k is offset by
-        k*M); and how many words use each column."""
-        table = self.table
-        K, M = table.num_subvectors, table.pool_size
-        if table.pool_kind == "position":
-            mapping_columns = table.mapping
-        else:
-            mapping_columns = table.mapping + torch.arange(K, device=table.mapping.device) * M
+        """The table's mapping as columns of the pool-score table (as its layout places them), and
+        how many words use each column."""
+        layout = self.table.layout
+        mapping_columns = layout.mapping_columns(self.table.mapping)
         self.register_buffer("mapping_columns", mapping_columns.to(torch.int32).contiguous(), persistent=False)
-        column_uses = torch.bincount(self.mapping_columns.flatten().long(), minlength=K * M if table.pool_kind == "global" else M)
+        column_uses = torch.bincount(self.mapping_columns.flatten().long(), minlength=layout.score_columns())
         self.register_buffer("column_uses", column_uses, persistent=False)
 
     def scores_dtype(self):
@@ -138,13 +133,9 @@ class RandomSharedOutput(nn.Module):
     def pool_scores(self, features):
         """(tokens, R) scores of each token's K slices against the pool entries they can meet."""
         self.table.check_mapping_loaded()
-        K, M = self.table.num_subvectors, self.table.pool_size
+        K = self.table.num_subvectors
         slices = features.reshape(-1, K, features.shape[-1] // K).transpose(0, 1)
-        if self.table.pool_kind == "position":
-            pools = self.table.pool.view(K, M // K, -1)
-            scores = torch.bmm(slices, pools.transpose(1, 2))
-        else:
-            scores = torch.matmul(slices, self.table.pool.t())
+        scores = self.table.layout.pool_scores(slices, self.table.pool)
         return scores.transpose(0, 1).reshape(slices.shape[1], -1).to(self.scores_dtype())
 
     def loss(self, features, target, label_smoothing=0.0, ignore_index=None):
