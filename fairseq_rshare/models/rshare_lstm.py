@@ -19,7 +19,7 @@ from .rshare_config import (
     rshare_tables,
     set_rshare_defaults,
 )
-from .rshare_lstm_lm import build_rshare_lstm_decoder
+from .rshare_decoders import build_rshare_lstm_decoder
 
 
 @register_model("rshare_lstm")

@@ -9,7 +9,7 @@ from fairseq.models.transformer import (
 )
 
 from ..errors import RShareConfigError
-from .rshare_decoder import RShareTransformerDecoder
+from .rshare_decoders import RShareTransformerDecoder
 from .rshare_config import (
     add_rshare_args,
     build_rshare_embedding,

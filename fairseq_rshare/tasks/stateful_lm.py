@@ -33,7 +33,6 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..errors import RShareConfigError
-from ..models.rshare_lstm_lm import RShareLSTMDecoder
 from ..modules import RandomSharedEmbedding
 from .empty_splits import check_split_not_empty
 
@@ -113,10 +112,11 @@ class StatefulLMTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        if not isinstance(getattr(model, "decoder", None), RShareLSTMDecoder):
+        if not getattr(getattr(model, "decoder", None), "carries_state", False):
             raise RShareConfigError(
                 "--task stateful_lm carries an LSTM's state between batches: use --arch "
                 "rshare_lstm_lm or rshare_lstm_lm_ptb_small (--rshare-tables none for a dense model), "
+                "a model whose decoder is a StatefulLSTMDecoder (fairseq_rshare.models.rshare_decoders), "
                 "or --task language_modeling for other models"
             )
         if self.cfg.pool_lr_scale != 1 and not pools_of(model):
