@@ -3,15 +3,17 @@ import argparse
 
 import pytest
 import torch
-from fairseq import options
+from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import ARCH_MODEL_REGISTRY, register_model, register_model_architecture
 from fairseq.models.lstm import LSTMDecoder
 from fairseq.models.lstm_lm import LSTMLanguageModel
 from fairseq.models.lstm_lm import base_architecture as lstm_lm_base_architecture
 from fairseq_cli import train
 
 import fairseq_rshare  # noqa: F401
+from fairseq_rshare.checkpoints import count_by_component
+from fairseq_rshare.models.declarations import DECLARATIONS
 from fairseq_rshare.errors import RShareConfigError
 from fairseq_rshare.models.rshare_decoders import StatefulLSTMDecoder
 from fairseq_rshare.tasks.stateful_lm import StatefulLMConfig, StatefulLMTask
@@ -70,3 +72,47 @@ def test_a_decoder_without_the_mixin_is_refused_in_one_line(lm_data):
     task = StatefulLMTask.setup_task(StatefulLMConfig(data=str(lm_data)))
     with pytest.raises(RShareConfigError, match="carries an LSTM's state between batches: use --arch rshare_lstm_lm"):
         task.build_model(args)
+
+
+def test_every_plugin_architecture_is_declared_with_a_stock_parent():
+    """Each arch the plugin registers, the named presets included, has a stock parent."""
+    plugin_archs = {arch for arch, model in ARCH_MODEL_REGISTRY.items()
+                    if model.__module__.startswith("fairseq_rshare.")}
+    assert plugin_archs == set(DECLARATIONS)
+    assert all(declaration.parent in ARCH_MODEL_REGISTRY for declaration in DECLARATIONS.values())
+
+
+def tiny(family, side):
+    sizes = {"embed-dim": 16, "layers": 1, **({"hidden-size": 16} if family == "lstm" else
+                                               {"ffn-embed-dim": 16, "attention-heads": 2})}
+    return [str(x) for name, value in sizes.items() for x in (f"--{side}-{name}", value)]
+
+
+def built(arch, data):
+    """A tiny model of `arch` over `data`, as fairseq-train builds it."""
+    family = "lstm" if "lstm" in arch else "transformer"
+    lm = "_lm" in arch
+    flags = tiny(family, "decoder") + ([] if lm else tiny(family, "encoder"))
+    if family == "lstm":
+        flags += ["--decoder-out-embed-dim", "16"]
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(data), "--user-dir", USER_DIR, "--task", "language_modeling" if lm else "translation",
+        "--arch", arch, *(["--tokens-per-sample", "16"] if lm else []), *flags])
+    return tasks.setup_task(args).build_model(args)
+
+
+@pytest.mark.parametrize("arch", sorted(DECLARATIONS))
+def test_the_declared_output_key_is_the_parents_output_layer(arch, lm_data, nmt_data):
+    """Parameter counting finds the output layer where the declaration says: in the stock parent
+    (a dense V x H layer) and in the rshare model (the random-shared one)."""
+    declaration = DECLARATIONS[arch]
+    data = lm_data if declaration.parent.endswith("_lm") else nmt_data
+    parent = built(declaration.parent, data)
+    assert len(parent.state_dict()[declaration.output_key + ".weight"]) == len(parent.decoder.dictionary)
+    assert count_by_component(parent, declaration.parent)["output"] == sum(
+        p.numel() for name, p in parent.named_parameters() if name.startswith(declaration.output_key + "."))
+    model = built(arch, data)
+    inputs = {id(p) for p in model.decoder.embed_tokens.parameters()}  # a tied table counts as input
+    assert count_by_component(model, arch)["output"] == sum(
+        p.numel() for p in model.decoder.output_projection.parameters() if id(p) not in inputs) > 0

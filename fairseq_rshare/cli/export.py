@@ -18,19 +18,12 @@ from fairseq import checkpoint_utils, tasks
 from omegaconf import OmegaConf
 
 from ..errors import RShareConfigError
+from ..models.declarations import DECLARATIONS
 from ..models.rshare_config import RShareConfig
 from ..modules import RandomSharedEmbedding, RandomSharedOutput
 
-PARENT_ARCHS = {
-    "rshare_lstm_lm": "lstm_lm",
-    "rshare_lstm_lm_ptb_small": "lstm_lm",
-    "rshare_lstm_lm_ptb_slim": "lstm_lm",
-    "rshare_lstm_lm_ptb_tied": "lstm_lm",
-    "rshare_lstm": "lstm",
-    "rshare_transformer": "transformer",
-    "rshare_transformer_iwslt_de_en": "transformer_iwslt_de_en",
-    "rshare_transformer_lm": "transformer_lm",
-}
+# Each rshare arch and the stock one it exports to, as its declaration says (models/declarations.py).
+PARENT_ARCHS = {arch: declaration.parent for arch, declaration in DECLARATIONS.items()}
 
 
 def read_checkpoint(path, data, overrides=None):

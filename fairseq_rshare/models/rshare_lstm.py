@@ -1,6 +1,6 @@
 """rshare_lstm: fairseq's LSTM encoder-decoder with random-shared embeddings and output layer."""
 from fairseq import utils
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.lstm import (
     DEFAULT_MAX_SOURCE_POSITIONS,
     DEFAULT_MAX_TARGET_POSITIONS,
@@ -19,6 +19,7 @@ from .rshare_config import (
     rshare_tables,
     set_rshare_defaults,
 )
+from .declarations import register_rshare_architecture
 from .rshare_decoders import build_rshare_lstm_decoder
 
 
@@ -83,7 +84,7 @@ class RShareLSTMModel(LSTMModel):
         )
 
 
-@register_model_architecture("rshare_lstm", "rshare_lstm")
+@register_rshare_architecture("rshare_lstm", "rshare_lstm", parent="lstm", output_key="decoder.fc_out")
 def rshare_lstm_architecture(args):
     reject_adaptive_softmax(args)
     set_rshare_defaults(args)

@@ -1,8 +1,9 @@
 """rshare_lstm_lm: fairseq's LSTM language model with random-shared input and output tables."""
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.lstm_lm import DEFAULT_MAX_TARGET_POSITIONS, LSTMLanguageModel
 from fairseq.models.lstm_lm import base_architecture as lstm_lm_base_architecture
 
+from .declarations import register_rshare_architecture
 from .rshare_decoders import RShareLSTMDecoder, build_rshare_lstm_decoder  # noqa: F401 (criterions import it here)
 from .rshare_config import (
     add_rshare_args,
@@ -13,6 +14,8 @@ from .rshare_config import (
     set_rshare_defaults,
 )
 
+
+LSTM_LM = dict(parent="lstm_lm", output_key="decoder.fc_out")  # every rshare_lstm_lm arch exports to lstm_lm
 
 @register_model("rshare_lstm_lm")
 class RShareLSTMLanguageModel(LSTMLanguageModel):
@@ -40,14 +43,14 @@ class RShareLSTMLanguageModel(LSTMLanguageModel):
         return cls(decoder)
 
 
-@register_model_architecture("rshare_lstm_lm", "rshare_lstm_lm")
+@register_rshare_architecture("rshare_lstm_lm", "rshare_lstm_lm", **LSTM_LM)
 def rshare_lstm_lm_architecture(args):
     reject_adaptive_softmax(args)
     set_rshare_defaults(args)
     lstm_lm_base_architecture(args)
 
 
-@register_model_architecture("rshare_lstm_lm", "rshare_lstm_lm_ptb_small")
+@register_rshare_architecture("rshare_lstm_lm", "rshare_lstm_lm_ptb_small", **LSTM_LM)
 def rshare_lstm_lm_ptb_small(args):
     """Zaremba et al. (2014) small PTB model: 2 layers of 200 units."""
     args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 200)
@@ -58,7 +61,7 @@ def rshare_lstm_lm_ptb_small(args):
     rshare_lstm_lm_architecture(args)
 
 
-@register_model_architecture("rshare_lstm_lm", "rshare_lstm_lm_ptb_slim")
+@register_rshare_architecture("rshare_lstm_lm", "rshare_lstm_lm_ptb_slim", **LSTM_LM)
 def rshare_lstm_lm_ptb_slim(args):
     """The best rshare PTB model measured at the small model's parameter count: 2 layers of 320
     units, dropout 0.3, both tables random-shared at 45 % of dense with an output bias
@@ -71,7 +74,7 @@ def rshare_lstm_lm_ptb_slim(args):
     rshare_lstm_lm_ptb_small(args)
 
 
-@register_model_architecture("rshare_lstm_lm", "rshare_lstm_lm_ptb_tied")
+@register_rshare_architecture("rshare_lstm_lm", "rshare_lstm_lm_ptb_tied", **LSTM_LM)
 def rshare_lstm_lm_ptb_tied(args):
     """The best rshare PTB model measured at 10 % of dense's embedding+softmax parameters: the
     small model (2x200) with one random-shared table at 15 % of a dense table serving the input

@@ -1,5 +1,5 @@
 """rshare_transformer: fairseq's transformer NMT model with random-shared embeddings and output layer."""
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.transformer import (
     DEFAULT_MAX_SOURCE_POSITIONS,
     DEFAULT_MAX_TARGET_POSITIONS,
@@ -9,6 +9,7 @@ from fairseq.models.transformer import (
 )
 
 from ..errors import RShareConfigError
+from .declarations import register_rshare_architecture
 from .rshare_decoders import RShareTransformerDecoder
 from .rshare_config import (
     add_rshare_args,
@@ -68,13 +69,15 @@ class RShareTransformerModel(TransformerModel):
         return cls(args, encoder, decoder)
 
 
-@register_model_architecture("rshare_transformer", "rshare_transformer")
+@register_rshare_architecture("rshare_transformer", "rshare_transformer",
+                              parent="transformer", output_key="decoder.output_projection")
 def rshare_transformer_architecture(args):
     set_rshare_defaults(args)
     base_architecture(args)
 
 
-@register_model_architecture("rshare_transformer", "rshare_transformer_iwslt_de_en")
+@register_rshare_architecture("rshare_transformer", "rshare_transformer_iwslt_de_en",
+                              parent="transformer_iwslt_de_en", output_key="decoder.output_projection")
 def rshare_transformer_iwslt_de_en(args):
     set_rshare_defaults(args)
     transformer_iwslt_de_en(args)

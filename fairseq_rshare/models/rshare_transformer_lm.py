@@ -9,6 +9,7 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..errors import RShareConfigError
+from .declarations import declare_architecture
 from .rshare_decoders import RShareTransformerDecoder
 from .rshare_config import (
     RShareConfig,
@@ -58,3 +59,6 @@ class RShareTransformerLanguageModel(TransformerLanguageModel):
             output_projection=output,
         )
         return cls(decoder)
+
+
+declare_architecture("rshare_transformer_lm", parent="transformer_lm", output_key="decoder.output_projection")
