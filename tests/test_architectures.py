@@ -9,16 +9,19 @@ from fairseq.models import ARCH_MODEL_REGISTRY, register_model, register_model_a
 from fairseq.models.lstm import LSTMDecoder
 from fairseq.models.lstm_lm import LSTMLanguageModel
 from fairseq.models.lstm_lm import base_architecture as lstm_lm_base_architecture
+from fairseq.tasks import FairseqTask
+from fairseq.trainer import Trainer
 from fairseq_cli import train
 
 import fairseq_rshare  # noqa: F401
 from fairseq_rshare.checkpoints import count_by_component
 from fairseq_rshare.models.declarations import DECLARATIONS
 from fairseq_rshare.errors import RShareConfigError
+from fairseq_rshare.models.pool_lr_scale import pools_of, scale_pool_steps
 from fairseq_rshare.models.rshare_decoders import StatefulLSTMDecoder
 from fairseq_rshare.tasks.stateful_lm import StatefulLMConfig, StatefulLMTask
 
-from conftest import USER_DIR
+from conftest import USER_DIR, tiny_lm
 
 
 class CarryingLSTMDecoder(StatefulLSTMDecoder, LSTMDecoder):
@@ -116,3 +119,72 @@ def test_the_declared_output_key_is_the_parents_output_layer(arch, lm_data, nmt_
     inputs = {id(p) for p in model.decoder.embed_tokens.parameters()}  # a tied table counts as input
     assert count_by_component(model, arch)["output"] == sum(
         p.numel() for p in model.decoder.output_projection.parameters() if id(p) not in inputs) > 0
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01),
+    lambda groups: torch.optim.Adam(groups, lr=0.01),
+])
+def test_pool_lr_scale_trains_the_pools_at_that_multiple_of_the_learning_rate(optimizer):
+    """Three updates through a task's optimizer_step with --pool-lr-scale 0.3 equal three with
+    torch's own parameter groups, the pools at 0.3 x the learning rate and every other weight at it."""
+    scaled, grouped = tiny_lm().train(), tiny_lm().train()
+    task = FairseqTask(None)
+    scale_pool_steps(task, scaled, argparse.Namespace(pool_lr_scale=0.3))
+    pools = {id(pool) for pool in pools_of(grouped)}
+    assert pools
+    optimizers = [
+        optimizer(list(scaled.parameters())),
+        optimizer([{"params": [p for p in grouped.parameters() if id(p) not in pools]}]),
+    ]
+    base_lr = optimizers[1].param_groups[0]["lr"]
+    optimizers[1].add_param_group({"params": pools_of(grouped), "lr": 0.3 * base_lr})
+    for update in range(3):
+        tokens = torch.randint(4, 64, (2, 12))
+        for model, opt in zip((scaled, grouped), optimizers):
+            opt.zero_grad()
+            logits, _ = model(tokens[:, :-1], stream_start=True)
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        task.optimizer_step(optimizers[0], scaled, update)
+        optimizers[1].step()
+    for (name, got), want in zip(scaled.named_parameters(), grouped.parameters()):
+        assert torch.allclose(got, want, atol=1e-6), name
+    unscaled = tiny_lm()
+    assert not torch.allclose(pools_of(unscaled)[0], pools_of(scaled)[0], atol=1e-3)  # the pools did move
+
+
+def test_pool_lr_scale_must_be_positive():
+    with pytest.raises(RShareConfigError, match="--pool-lr-scale 0.0: give a number > 0"):
+        tiny_lm(pool_lr_scale=0.0)
+
+
+def translation_trainer(data, scale):
+    """A fairseq Trainer of a tiny rshare_transformer under --task translation, and its first batch."""
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(data), "--user-dir", USER_DIR, "--cpu", "--task", "translation", "--arch", "rshare_transformer",
+        *tiny("transformer", "encoder"), *tiny("transformer", "decoder"), "--dropout", "0",
+        "--optimizer", "sgd", "--lr", "0.5", "--max-tokens", "500", "--pool-lr-scale", str(scale)])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model)
+    trainer = Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
+    task.load_dataset("train")
+    batches = task.get_batch_iterator(task.dataset("train"), max_tokens=500).next_epoch_itr(shuffle=False)
+    return trainer, model, next(batches)
+
+
+def test_pool_lr_scale_works_under_translation(nmt_data):
+    """One fairseq training step of an rshare_transformer under --task translation: with
+    --pool-lr-scale 3 the pools move 3 times as far as without it, every other weight the same."""
+    steps = {}
+    for scale in (1, 3):
+        trainer, model, batch = translation_trainer(nmt_data, scale)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        trainer.train_step([batch])
+        steps[scale] = {name: p.detach() - before[name] for name, p in model.named_parameters()}
+    pools = [name for name in steps[1] if name.endswith(".pool")]
+    assert pools and steps[1][pools[0]].abs().sum() > 0
+    for name, plain in steps[1].items():
+        torch.testing.assert_close(steps[3][name], 3 * plain if name in pools else plain, rtol=1e-4, atol=1e-7)

@@ -19,6 +19,7 @@ from .rshare_config import (
     rshare_tables,
     set_rshare_defaults,
 )
+from .pool_lr_scale import add_pool_lr_scale_arg, scale_pool_steps
 from .declarations import register_rshare_architecture
 from .rshare_decoders import build_rshare_lstm_decoder
 
@@ -29,6 +30,7 @@ class RShareLSTMModel(LSTMModel):
     def add_args(parser):
         LSTMModel.add_args(parser)
         add_rshare_args(parser)
+        add_pool_lr_scale_arg(parser)
 
     @classmethod
     def build_model(cls, args, task):
@@ -73,7 +75,9 @@ class RShareLSTMModel(LSTMModel):
             tables=tables,
             embed=decoder_embed,
         )
-        return cls(encoder, decoder)
+        model = cls(encoder, decoder)
+        scale_pool_steps(task, model, args)
+        return model
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, incremental_state=None, features_only=False):
         """LSTMModel.forward, plus features_only (for the rshare_cross_entropy criterion)."""

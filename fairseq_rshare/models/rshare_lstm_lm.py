@@ -3,6 +3,7 @@ from fairseq.models import register_model
 from fairseq.models.lstm_lm import DEFAULT_MAX_TARGET_POSITIONS, LSTMLanguageModel
 from fairseq.models.lstm_lm import base_architecture as lstm_lm_base_architecture
 
+from .pool_lr_scale import add_pool_lr_scale_arg, scale_pool_steps
 from .declarations import register_rshare_architecture
 from .rshare_decoders import RShareLSTMDecoder, build_rshare_lstm_decoder  # noqa: F401 (criterions import it here)
 from .rshare_config import (
@@ -23,6 +24,7 @@ class RShareLSTMLanguageModel(LSTMLanguageModel):
     def add_args(parser):
         LSTMLanguageModel.add_args(parser)
         add_rshare_args(parser)
+        add_pool_lr_scale_arg(parser)
 
     @classmethod
     def build_model(cls, args, task):
@@ -40,7 +42,9 @@ class RShareLSTMLanguageModel(LSTMLanguageModel):
         decoder = build_rshare_lstm_decoder(
             args, dictionary, encoder_output_units=0, attention=False, tables=tables, embed=embed
         )
-        return cls(decoder)
+        model = cls(decoder)
+        scale_pool_steps(task, model, args)
+        return model
 
 
 @register_rshare_architecture("rshare_lstm_lm", "rshare_lstm_lm", **LSTM_LM)

@@ -9,6 +9,7 @@ from fairseq.models.transformer import (
 )
 
 from ..errors import RShareConfigError
+from .pool_lr_scale import add_pool_lr_scale_arg, scale_pool_steps
 from .declarations import register_rshare_architecture
 from .rshare_decoders import RShareTransformerDecoder
 from .rshare_config import (
@@ -28,6 +29,7 @@ class RShareTransformerModel(TransformerModel):
     def add_args(cls, parser):
         super().add_args(parser)
         add_rshare_args(parser)
+        add_pool_lr_scale_arg(parser)
 
     @classmethod
     def build_model(cls, args, task):
@@ -66,7 +68,9 @@ class RShareTransformerModel(TransformerModel):
             no_encoder_attn=args.no_cross_attention,
             output_projection=output,
         )
-        return cls(args, encoder, decoder)
+        model = cls(args, encoder, decoder)
+        scale_pool_steps(task, model, args)
+        return model
 
 
 @register_rshare_architecture("rshare_transformer", "rshare_transformer",

@@ -9,6 +9,7 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..errors import RShareConfigError
+from .pool_lr_scale import PoolLRScaleConfig, scale_pool_steps
 from .declarations import declare_architecture
 from .rshare_decoders import RShareTransformerDecoder
 from .rshare_config import (
@@ -21,7 +22,7 @@ from .rshare_config import (
 
 
 @dataclass
-class RShareTransformerLanguageModelConfig(TransformerLanguageModelConfig, RShareConfig):
+class RShareTransformerLanguageModelConfig(TransformerLanguageModelConfig, RShareConfig, PoolLRScaleConfig):
     pass
 
 
@@ -58,7 +59,9 @@ class RShareTransformerLanguageModel(TransformerLanguageModel):
             no_encoder_attn=True,
             output_projection=output,
         )
-        return cls(decoder)
+        model = cls(decoder)
+        scale_pool_steps(task, model, args)
+        return model
 
 
 declare_architecture("rshare_transformer_lm", parent="transformer_lm", output_key="decoder.output_projection")
