@@ -188,3 +188,15 @@ def test_pool_lr_scale_works_under_translation(nmt_data):
     assert pools and steps[1][pools[0]].abs().sum() > 0
     for name, plain in steps[1].items():
         torch.testing.assert_close(steps[3][name], 3 * plain if name in pools else plain, rtol=1e-4, atol=1e-7)
+
+
+def test_a_stateful_lm_checkpoint_that_recorded_pool_lr_scale_in_its_task_still_loads(lm_data):
+    """Earlier releases kept --pool-lr-scale in the stateful_lm task's options."""
+    from omegaconf import OmegaConf
+
+    from fairseq_rshare.cli.export import checkpoint_task
+
+    task_cfg = OmegaConf.create({"_name": "stateful_lm", "data": str(lm_data), "tokens_per_sample": 35,
+                                 "batch_size": 4, "batch_size_valid": 4, "max_target_positions": 35,
+                                 "pool_lr_scale": 2.0})
+    assert isinstance(checkpoint_task({"cfg": {"task": task_cfg}}), StatefulLMTask)

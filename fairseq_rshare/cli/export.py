@@ -40,7 +40,8 @@ def read_checkpoint(path, data, overrides=None):
 def checkpoint_task(state):
     """The task a checkpoint was trained on, with its dictionaries."""
     try:
-        return tasks.setup_task(state["cfg"]["task"])
+        # from_checkpoint drops options the task no longer has (stateful_lm once held --pool-lr-scale).
+        return tasks.setup_task(state["cfg"]["task"], from_checkpoint=True)
     except FileNotFoundError as error:
         raise RShareConfigError(
             f"cannot read the dictionary {error.filename}: pass --data with the "
