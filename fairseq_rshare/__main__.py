@@ -5,7 +5,7 @@ Stock fairseq prints --help before it adds an architecture's own flags, so
 """
 import argparse
 
-from .cli.export import PARENT_ARCHS
+from .models.declarations import DECLARATIONS
 from .models.rshare_config import RShareConfig
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
@@ -22,8 +22,8 @@ class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 parser = argparse.ArgumentParser(
     prog="python -m fairseq_rshare",
     formatter_class=ShowDefaults,
-    # PARENT_ARCHS lists every architecture the plugin registers (tests/test_export.py checks it).
-    description=f"Flags that every rshare architecture adds to fairseq-train ({', '.join(PARENT_ARCHS)}).",
+    # Every architecture the plugin registers is declared (tests/test_architectures.py checks it).
+    description=f"Flags that every rshare architecture adds to fairseq-train ({', '.join(DECLARATIONS)}).",
 )
 gen_parser_from_dataclass(parser, RShareConfig())
 parser.parse_args()

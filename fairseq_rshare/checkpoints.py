@@ -16,6 +16,7 @@ import torch
 from fairseq import checkpoint_utils
 
 from .errors import RShareConfigError
+from .models.declarations import output_keys
 
 FAIRSEQ_GLOBALS = [argparse.Namespace]
 
@@ -66,15 +67,26 @@ def install():
 def parameters_by_component(checkpoint):
     """Trainable parameters of the model in `checkpoint`: input tables, output layer, the rest.
 
-    Tied tables count once (named_parameters yields a shared tensor once, as the input).
+    The output layer is where the arch's declaration (models/declarations.py) puts it.  Tied
+    tables count once (named_parameters yields a shared tensor once, as the input).
     """
     with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
-        [model], _ = checkpoint_utils.load_model_ensemble([checkpoint])
+        [model], cfg, _ = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
+    arch = getattr(cfg.model, "arch", None) or cfg.model._name
+    return count_by_component(model, arch)
+
+
+def count_by_component(model, arch):
+    """parameters_by_component of a built `model` of architecture `arch`."""
+    outputs = output_keys(arch)
+    if outputs is None:
+        raise RShareConfigError(f"architecture {arch} has no declaration in fairseq_rshare/models/declarations.py: "
+                                "cannot tell its output layer")
     counts = {"input": 0, "output": 0, "body": 0}
     for name, parameter in model.named_parameters():
         if "embed_tokens" in name:
             counts["input"] += parameter.numel()
-        elif "output_projection" in name or "fc_out" in name:
+        elif any(name.startswith(key + ".") for key in outputs):
             counts["output"] += parameter.numel()
         else:
             counts["body"] += parameter.numel()

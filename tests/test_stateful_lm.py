@@ -9,8 +9,7 @@ import torch
 import fairseq_rshare  # noqa: F401
 from fairseq import options, tasks
 from fairseq.data import Dictionary
-from fairseq_rshare.errors import RShareConfigError
-from fairseq_rshare.tasks.stateful_lm import StatefulLMConfig, StatefulLMTask, StreamWindows, pools_of
+from fairseq_rshare.tasks.stateful_lm import StreamWindows
 
 from conftest import REPO, USER_DIR, fairseq, shared_corpus, tiny_lm
 from fairseq_rshare.tools import eval_lm_perplexity
@@ -77,42 +76,6 @@ def test_training_and_evaluation_carry_separate_states():
         continued, _ = model(tokens[:, 15:], stream_start=False)
         whole, _ = model(tokens, stream_start=True)
     assert torch.allclose(continued, whole[:, 15:], atol=1e-5)
-
-
-@pytest.mark.parametrize("optimizer", [
-    lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01),
-    lambda groups: torch.optim.Adam(groups, lr=0.01),
-])
-def test_pool_lr_scale_trains_the_pools_at_that_multiple_of_the_learning_rate(optimizer):
-    """Three updates through the task with --pool-lr-scale 0.3 equal three with torch's own
-    parameter groups, the pools at 0.3 x the learning rate and every other weight at it."""
-    scaled, grouped = tiny_lm().train(), tiny_lm().train()
-    task = StatefulLMTask(StatefulLMConfig(pool_lr_scale=0.3), Dictionary())
-    pools = {id(pool) for pool in pools_of(grouped)}
-    assert pools
-    optimizers = [
-        optimizer(list(scaled.parameters())),
-        optimizer([{"params": [p for p in grouped.parameters() if id(p) not in pools]}]),
-    ]
-    base_lr = optimizers[1].param_groups[0]["lr"]
-    optimizers[1].add_param_group({"params": pools_of(grouped), "lr": 0.3 * base_lr})
-    for update in range(3):
-        tokens = torch.randint(4, 64, (2, 12))
-        for model, opt in zip((scaled, grouped), optimizers):
-            opt.zero_grad()
-            logits, _ = model(tokens[:, :-1], stream_start=True)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        task.optimizer_step(optimizers[0], scaled, update)
-        optimizers[1].step()
-    for (name, got), want in zip(scaled.named_parameters(), grouped.parameters()):
-        assert torch.allclose(got, want, atol=1e-6), name
-    unscaled = tiny_lm()
-    assert not torch.allclose(pools_of(unscaled)[0], pools_of(scaled)[0], atol=1e-3)  # the pools did move
-
-
-def test_pool_lr_scale_must_be_positive():
-    with pytest.raises(RShareConfigError, match="--pool-lr-scale 0.0: give a number > 0"):
-        StatefulLMTask.setup_task(StatefulLMConfig(data="unused", pool_lr_scale=0.0))
 
 
 STATEFUL = ["--user-dir", USER_DIR, "--cpu", "--task", "stateful_lm", "--arch", "rshare_lstm_lm",

@@ -23,23 +23,16 @@ from omegaconf import OmegaConf
 
 from ..checkpoints import load_checkpoint_to_cpu
 from ..errors import RShareConfigError
+from ..models.declarations import DECLARATIONS
 from ..models.rshare_config import RShareConfig
 from ..modules import RandomSharedEmbedding, RandomSharedOutput
 from ..tasks.stateful_lm import StatefulLMConfig
 
-PARENT_ARCHS = {
-    "rshare_lstm_lm": "lstm_lm",
-    "rshare_lstm_lm_ptb_small": "lstm_lm",
-    "rshare_lstm_lm_ptb_slim": "lstm_lm",
-    "rshare_lstm_lm_ptb_tied": "lstm_lm",
-    "rshare_lstm": "lstm",
-    "rshare_transformer": "transformer",
-    "rshare_transformer_iwslt_de_en": "transformer_iwslt_de_en",
-    "rshare_transformer_lm": "transformer_lm",
-}
+# Each rshare arch and the stock one it exports to, as its declaration says (models/declarations.py).
+PARENT_ARCHS = {arch: declaration.parent for arch, declaration in DECLARATIONS.items()}
 LANGUAGE_MODELING_OPTIONS = {option.name for option in fields(LanguageModelingConfig)}
 PLUGIN_OPTIONS = ({option.name for option in fields(RShareConfig)} - {"_name"}) | (
-    {option.name for option in fields(StatefulLMConfig)} - LANGUAGE_MODELING_OPTIONS)
+    {option.name for option in fields(StatefulLMConfig)} - LANGUAGE_MODELING_OPTIONS) | {"pool_lr_scale"}
 LSTM_LM_MAX_POSITIONS = int(DEFAULT_MAX_TARGET_POSITIONS)  # fairseq's own, for an lstm_lm with no window
 
 
@@ -57,7 +50,8 @@ def read_checkpoint(path, data, overrides=None):
 def checkpoint_task(state):
     """The task a checkpoint was trained on, with its dictionaries."""
     try:
-        return tasks.setup_task(state["cfg"]["task"])
+        # from_checkpoint drops options the task no longer has (stateful_lm once held --pool-lr-scale).
+        return tasks.setup_task(state["cfg"]["task"], from_checkpoint=True)
     except FileNotFoundError as error:
         raise RShareConfigError(
             f"cannot read the dictionary {error.filename}: pass --data with the "

@@ -15,7 +15,6 @@ from fairseq.logging import metrics
 
 from ..checkpoints import FAIRSEQ_GLOBALS
 from ..errors import RShareConfigError
-from ..models.rshare_lstm_lm import RShareLSTMDecoder
 from ..tasks.stateful_lm import StatefulLMTask
 from .rshare_cross_entropy import LabelSmoothedCrossEntropyCriterionConfig, RShareCrossEntropyCriterion
 
@@ -74,7 +73,7 @@ def load_teacher(path, task):
         if "mapping fingerprint" in str(error):
             raise another_dictionary(f"V={words} regenerates another rshare mapping") from error
         raise RShareConfigError(f"--teacher-path {path}: {error}") from error
-    if isinstance(task, StatefulLMTask) and not isinstance(getattr(teacher, "decoder", None), RShareLSTMDecoder):
+    if isinstance(task, StatefulLMTask) and not getattr(getattr(teacher, "decoder", None), "carries_state", False):
         raise RShareConfigError(
             f"--teacher-path {path}: --task stateful_lm carries the LSTM state between batches, which this "
             "teacher cannot: give one trained with --arch rshare_lstm_lm (--rshare-tables none for a dense model)"

@@ -1,6 +1,6 @@
 """rshare_lstm: fairseq's LSTM encoder-decoder with random-shared embeddings and output layer."""
 from fairseq import utils
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.lstm import (
     DEFAULT_MAX_SOURCE_POSITIONS,
     DEFAULT_MAX_TARGET_POSITIONS,
@@ -19,7 +19,9 @@ from .rshare_config import (
     rshare_tables,
     set_rshare_defaults,
 )
-from .rshare_lstm_lm import build_rshare_lstm_decoder
+from .pool_lr_scale import add_pool_lr_scale_arg, scale_pool_steps
+from .declarations import register_rshare_architecture
+from .rshare_decoders import build_rshare_lstm_decoder
 
 
 @register_model("rshare_lstm")
@@ -28,6 +30,7 @@ class RShareLSTMModel(LSTMModel):
     def add_args(parser):
         LSTMModel.add_args(parser)
         add_rshare_args(parser)
+        add_pool_lr_scale_arg(parser)
 
     @classmethod
     def build_model(cls, args, task):
@@ -73,7 +76,9 @@ class RShareLSTMModel(LSTMModel):
             tables=tables,
             embed=decoder_embed,
         )
-        return cls(encoder, decoder)
+        model = cls(encoder, decoder)
+        scale_pool_steps(task, model, args)
+        return model
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, incremental_state=None, features_only=False):
         """LSTMModel.forward, plus features_only (for the rshare_cross_entropy criterion)."""
@@ -84,7 +89,7 @@ class RShareLSTMModel(LSTMModel):
         )
 
 
-@register_model_architecture("rshare_lstm", "rshare_lstm")
+@register_rshare_architecture("rshare_lstm", "rshare_lstm", parent="lstm", output_key="decoder.fc_out")
 def rshare_lstm_architecture(args):
     reject_adaptive_softmax(args)
     args.adaptive_softmax_cutoff = None

@@ -1,5 +1,5 @@
 """rshare_transformer: fairseq's transformer NMT model with random-shared embeddings and output layer."""
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.transformer import (
     DEFAULT_MAX_SOURCE_POSITIONS,
     DEFAULT_MAX_TARGET_POSITIONS,
@@ -9,7 +9,9 @@ from fairseq.models.transformer import (
 )
 
 from ..errors import RShareConfigError
-from .rshare_decoder import RShareTransformerDecoder
+from .pool_lr_scale import add_pool_lr_scale_arg, scale_pool_steps
+from .declarations import register_rshare_architecture
+from .rshare_decoders import RShareTransformerDecoder
 from .rshare_config import (
     add_rshare_args,
     build_rshare_embedding,
@@ -27,6 +29,7 @@ class RShareTransformerModel(TransformerModel):
     def add_args(cls, parser):
         super().add_args(parser)
         add_rshare_args(parser)
+        add_pool_lr_scale_arg(parser)
 
     @classmethod
     def build_model(cls, args, task):
@@ -66,16 +69,20 @@ class RShareTransformerModel(TransformerModel):
             no_encoder_attn=args.no_cross_attention,
             output_projection=output,
         )
-        return cls(args, encoder, decoder)
+        model = cls(args, encoder, decoder)
+        scale_pool_steps(task, model, args)
+        return model
 
 
-@register_model_architecture("rshare_transformer", "rshare_transformer")
+@register_rshare_architecture("rshare_transformer", "rshare_transformer",
+                              parent="transformer", output_key="decoder.output_projection")
 def rshare_transformer_architecture(args):
     set_rshare_defaults(args)
     base_architecture(args)
 
 
-@register_model_architecture("rshare_transformer", "rshare_transformer_iwslt_de_en")
+@register_rshare_architecture("rshare_transformer", "rshare_transformer_iwslt_de_en",
+                              parent="transformer_iwslt_de_en", output_key="decoder.output_projection")
 def rshare_transformer_iwslt_de_en(args):
     set_rshare_defaults(args)
     transformer_iwslt_de_en(args)

@@ -9,7 +9,9 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..errors import RShareConfigError
-from .rshare_decoder import RShareTransformerDecoder
+from .pool_lr_scale import PoolLRScaleConfig, scale_pool_steps
+from .declarations import declare_architecture
+from .rshare_decoders import RShareTransformerDecoder
 from .rshare_config import (
     RShareConfig,
     build_rshare_embedding,
@@ -20,7 +22,7 @@ from .rshare_config import (
 
 
 @dataclass
-class RShareTransformerLanguageModelConfig(TransformerLanguageModelConfig, RShareConfig):
+class RShareTransformerLanguageModelConfig(TransformerLanguageModelConfig, RShareConfig, PoolLRScaleConfig):
     pass
 
 
@@ -57,4 +59,9 @@ class RShareTransformerLanguageModel(TransformerLanguageModel):
             no_encoder_attn=True,
             output_projection=output,
         )
-        return cls(decoder)
+        model = cls(decoder)
+        scale_pool_steps(task, model, args)
+        return model
+
+
+declare_architecture("rshare_transformer_lm", parent="transformer_lm", output_key="decoder.output_projection")

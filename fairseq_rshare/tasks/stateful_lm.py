@@ -11,12 +11,6 @@ a resume (the window order resumes where it stopped, the state from zero).
 
 Every token is predicted exactly once: the stream is preceded by one end-of-line symbol as
 context, and the last row is padded at its end (padded targets are not scored).
-
-``--pool-lr-scale S`` trains the rshare pools (the shared sub-vectors) at S times the learning
-rate of every other weight: each update's step of the pools, taken after gradient clipping, is
-scaled by S.  That equals a learning rate of S x --lr for the pools under every optimizer whose
-step is proportional to its rate (SGD with or without momentum, NAG, Adam, Adagrad); the
-optimizer's state and checkpoints are the same as without it.
 """
 import math
 import os
@@ -28,13 +22,10 @@ from fairseq import utils
 from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
 from fairseq.dataclass import FairseqDataclass
 from fairseq.distributed import utils as distributed_utils
-from fairseq.optim import FP16Optimizer, MemoryEfficientFP16Optimizer
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..errors import RShareConfigError
-from ..models.rshare_lstm_lm import RShareLSTMDecoder
-from ..modules import RandomSharedEmbedding
 from .empty_splits import check_split_not_empty
 
 
@@ -47,9 +38,6 @@ class StatefulLMConfig(FairseqDataclass):
     batch_size: Optional[int] = II("dataset.batch_size")
     batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
-    pool_lr_scale: float = field(
-        default=1.0, metadata={"help": "learning rate of the rshare pools as a multiple of --lr (1: the same)"}
-    )
 
 
 class StreamWindows(FairseqDataset):
@@ -91,11 +79,6 @@ class StreamWindows(FairseqDataset):
         }
 
 
-def pools_of(model):
-    """The model's rshare pools, each once (a tied table is one module)."""
-    return [module.pool for module in model.modules() if isinstance(module, RandomSharedEmbedding)]
-
-
 @register_task("stateful_lm", dataclass=StatefulLMConfig)
 class StatefulLMTask(FairseqTask):
     def __init__(self, cfg, dictionary):
@@ -106,35 +89,19 @@ class StatefulLMTask(FairseqTask):
     def setup_task(cls, cfg, **kwargs):
         if not cfg.data:
             raise RShareConfigError("--task stateful_lm needs the data folder (fairseq-preprocess --only-source output)")
-        if not cfg.pool_lr_scale > 0:
-            raise RShareConfigError(f"--pool-lr-scale {cfg.pool_lr_scale}: give a number > 0 (1: the pools learn at --lr)")
         dictionary = Dictionary.load(os.path.join(utils.split_paths(cfg.data)[0], "dict.txt"))
         return cls(cfg, dictionary)
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        if not isinstance(getattr(model, "decoder", None), RShareLSTMDecoder):
+        if not getattr(getattr(model, "decoder", None), "carries_state", False):
             raise RShareConfigError(
                 "--task stateful_lm carries an LSTM's state between batches: use --arch "
                 "rshare_lstm_lm or rshare_lstm_lm_ptb_small (--rshare-tables none for a dense model), "
+                "a model whose decoder is a StatefulLSTMDecoder (fairseq_rshare.models.rshare_decoders), "
                 "or --task language_modeling for other models"
             )
-        if self.cfg.pool_lr_scale != 1 and not pools_of(model):
-            raise RShareConfigError("--pool-lr-scale needs rshare tables: drop it for a dense model (--rshare-tables none)")
         return model
-
-    def optimizer_step(self, optimizer, model, update_num):
-        scale = self.cfg.pool_lr_scale
-        if scale == 1:
-            return super().optimizer_step(optimizer, model, update_num)
-        if isinstance(optimizer, (FP16Optimizer, MemoryEfficientFP16Optimizer)):
-            raise RShareConfigError("--pool-lr-scale scales the step of fp32 weights: drop --fp16/--bf16 (or the scale)")
-        pools = pools_of(model)
-        before = [pool.detach().clone() for pool in pools]
-        super().optimizer_step(optimizer, model, update_num)
-        with torch.no_grad():
-            for pool, old in zip(pools, before):
-                pool.lerp_(old, 1 - scale)  # old + scale * (new - old)
 
     def streams_for(self, split):
         streams = self.cfg.batch_size if split == "train" else self.cfg.batch_size_valid or self.cfg.batch_size
