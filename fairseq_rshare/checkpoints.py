@@ -8,6 +8,7 @@ from torch; wrapping it turns that into one line naming the file.
 """
 import argparse
 import functools
+import math
 import pickle
 import re
 import zipfile
@@ -16,7 +17,9 @@ import torch
 from fairseq import checkpoint_utils
 
 from .errors import RShareConfigError
+from .mapping import learned_mapping_size
 from .models.declarations import output_keys
+from .modules import RandomSharedEmbedding
 
 FAIRSEQ_GLOBALS = [argparse.Namespace]
 
@@ -68,7 +71,9 @@ def parameters_by_component(checkpoint):
     """Trainable parameters of the model in `checkpoint`: input tables, output layer, the rest.
 
     The output layer is where the arch's declaration (models/declarations.py) puts it.  Tied
-    tables count once (named_parameters yields a shared tensor once, as the input).
+    tables count once (named_parameters yields a shared tensor once, as the input).  A table
+    with a stored (learned) mapping also counts the mapping: its packed bytes over 4, as many
+    float32 parameters.
     """
     with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
         [model], cfg, _ = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
@@ -90,4 +95,10 @@ def count_by_component(model, arch):
             counts["output"] += parameter.numel()
         else:
             counts["body"] += parameter.numel()
+    for name, module in model.named_modules(remove_duplicate=True):
+        if isinstance(module, RandomSharedEmbedding) and module.stores_mapping:
+            _, stored_bytes = learned_mapping_size(module.num_embeddings, module.num_subvectors, module.pool_size,
+                                                   module.pool_kind)
+            component = "input" if "embed_tokens" in name else "output"
+            counts[component] += math.ceil(stored_bytes / 4)
     return counts

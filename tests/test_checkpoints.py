@@ -103,3 +103,22 @@ def test_command_line_tools_are_recognised():
     assert running_a_command_line_tool("/venv/lib/python3.11/site-packages/fairseq_cli/train.py")
     assert not running_a_command_line_tool("/venv/bin/pytest")
     assert not running_a_command_line_tool("")
+
+
+def test_a_stored_mapping_counts_in_its_tables_parameters():
+    """A learned mapping cannot be regenerated, so its packed bytes count, over 4, as float32
+    parameters of the table that stores it; a random mapping counts nothing."""
+    from fairseq_rshare import RandomSharedEmbedding
+
+    def model_with(mapping_kind):
+        model = torch.nn.Module()
+        model.decoder = torch.nn.Module()
+        model.decoder.embed_tokens = RandomSharedEmbedding(1000, 32, 1, num_subvectors=8, pool_size=800,
+                                                           mapping_kind=mapping_kind)
+        return model
+
+    plain = checkpoints.count_by_component(model_with("random"), "rshare_lstm_lm")
+    learned = checkpoints.count_by_component(model_with("kmeans"), "rshare_lstm_lm")
+    assert plain == {"input": 800 * 4, "output": 0, "body": 0}
+    # 1000 x 8 slots, each one of 100 entries of its position: 7 bits, 7000 bytes, 1750 floats
+    assert learned == {"input": 800 * 4 + 1750, "output": 0, "body": 0}

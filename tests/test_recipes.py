@@ -339,7 +339,7 @@ def test_lm_recipe_compresses_its_teacher_and_distils_it(tmp_path):
     log = (work / "compressed" / f"{student}.log").read_text()
     assert "decoder-input" in log and "decoder-output" in log
     # the learned mapping is stored: V x K entries at ceil(log2(M/K)) bits count in the tables
-    assert result["embedding_softmax_params"] < 0.2 * dense["embedding_softmax_params"]
+    assert result["embedding_softmax_params"] < 0.25 * dense["embedding_softmax_params"]
 
 
 @pytest.mark.slow
