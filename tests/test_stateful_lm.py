@@ -1,5 +1,4 @@
 """The stateful_lm task: streams that continue each other, carried LSTM state, eval-lm counts."""
-import json
 import os
 import re
 
@@ -11,10 +10,10 @@ from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq_rshare.tasks.stateful_lm import StreamWindows
 
-from conftest import REPO, USER_DIR, fairseq, shared_corpus, tiny_lm
+from conftest import USER_DIR, fairseq, shared_corpus, tiny_lm
 from fairseq_rshare.tools import eval_lm_perplexity
+from recipes import variants
 
-RESULTS = os.path.join(REPO, "recipes", "results")
 
 
 def windows_of(tokens, streams, window, ranks=1):
@@ -113,29 +112,36 @@ def test_needs_an_lstm_a_batch_size_and_pools_to_scale(lm_data, tmp_path):
     assert result.returncode and "--pool-lr-scale needs rshare tables" in result.stderr
 
 
-@pytest.mark.parametrize("arch, recorded_run, dropout, tied", [
+@pytest.mark.parametrize("arch, run_name, dropout, tied", [
     ("rshare_lstm_lm_ptb_slim", "rshare-0.45-bias-h320-drop0.3", 0.3, False),
     ("rshare_lstm_lm_ptb_tied", "rshare-0.15-bias-scale-tied", 0.0, True),
 ])
-def test_named_ptb_arch_is_the_measured_model(arch, recorded_run, dropout, tied, tmp_path):
-    """A named PTB arch, parsed as fairseq-train parses it, builds the model of the recorded
-    PTB run that took its flags one by one: the same parameters, table by table."""
-    recorded = json.load(open(os.path.join(RESULTS, "ptb-stateful-cpu", f"{recorded_run}.json")))
+def test_named_ptb_arch_is_the_model_of_its_run_name(arch, run_name, dropout, tied, tmp_path):
+    """A named PTB arch, parsed as fairseq-train parses it, builds the model the recipes' run name
+    gives the small model flag by flag: the same parameters, table by table."""
     dictionary = Dictionary()  # as fairseq-preprocess builds it from PTB's training text
     with open(os.path.join(shared_corpus("ptb"), "train.txt")) as train:
         for line in train:
             dictionary.encode_line(line, add_if_not_exist=True)
     dictionary.finalize(padding_factor=8)
     dictionary.save(str(tmp_path / "dict.txt"))
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [str(tmp_path), "--user-dir", USER_DIR, "--task", "stateful_lm",
-                                                "--arch", arch, "--batch-size", "20"])
-    model = tasks.setup_task(args).build_model(args)
+
+    def build(*flags):
+        parser = options.get_training_parser()
+        args = options.parse_args_and_arch(parser, [str(tmp_path), "--user-dir", USER_DIR, "--task", "stateful_lm",
+                                                    "--batch-size", "20", *flags])
+        model = tasks.setup_task(args).build_model(args)
+        decoder = model.decoder
+        inputs = {id(p): p for p in decoder.embed_tokens.parameters()}
+        outputs = [p for p in decoder.output_projection.parameters() if id(p) not in inputs]
+        counts = (sum(p.numel() for p in inputs.values()), sum(p.numel() for p in outputs),
+                  sum(p.numel() for p in model.parameters()))
+        return model, counts
+
+    model, counts = build("--arch", arch)
+    _, expected = build("--arch", "rshare_lstm_lm_ptb_small",
+                        *variants.flags("lm", run_name, len(dictionary)).split())
+    assert counts == expected
     decoder = model.decoder
-    input_params = {id(p): p for p in decoder.embed_tokens.parameters()}
-    output_params = [p for p in decoder.output_projection.parameters() if id(p) not in input_params]
-    assert sum(p.numel() for p in input_params.values()) == recorded["params"]["input"]
-    assert sum(p.numel() for p in output_params) == recorded["params"]["output"]
-    assert sum(p.numel() for p in model.parameters()) == sum(recorded["params"].values())
     assert (decoder.output_projection.table is decoder.embed_tokens) == tied
     assert decoder.dropout_out_module.p == dropout and decoder.output_projection.bias is not None

@@ -5,7 +5,7 @@ from fairseq.models.lstm_lm import base_architecture as lstm_lm_base_architectur
 
 from .pool_lr_scale import add_pool_lr_scale_arg, scale_pool_steps
 from .declarations import register_rshare_architecture
-from .rshare_decoders import RShareLSTMDecoder, build_rshare_lstm_decoder  # noqa: F401 (criterions import it here)
+from .rshare_decoders import build_rshare_lstm_decoder
 from .rshare_config import (
     add_rshare_args,
     build_rshare_embedding,
@@ -68,9 +68,8 @@ def rshare_lstm_lm_ptb_small(args):
 
 @register_rshare_architecture("rshare_lstm_lm", "rshare_lstm_lm_ptb_slim", **LSTM_LM)
 def rshare_lstm_lm_ptb_slim(args):
-    """The best rshare PTB model measured at the small model's parameter count: 2 layers of 320
-    units, dropout 0.3, both tables random-shared at 45 % of dense with an output bias
-    (4.54 M parameters on PTB against dense 2x200's 4.66 M; recipes/README.md)."""
+    """A PTB model under the small model's parameter count: 2 layers of 320 units, dropout 0.3,
+    both tables random-shared at 45 % of dense with an output bias."""
     for name in ("decoder_embed_dim", "decoder_hidden_size", "decoder_out_embed_dim"):
         setattr(args, name, getattr(args, name, 320))
     args.dropout = getattr(args, "dropout", 0.3)
@@ -81,10 +80,9 @@ def rshare_lstm_lm_ptb_slim(args):
 
 @register_rshare_architecture("rshare_lstm_lm", "rshare_lstm_lm_ptb_tied", **LSTM_LM)
 def rshare_lstm_lm_ptb_tied(args):
-    """The best rshare PTB model measured at 10 % of dense's embedding+softmax parameters: the
-    small model (2x200) with one random-shared table at 15 % of a dense table serving the input
-    and the output layer, a trained scale per word and sub-vector, and an output bias (390,272
-    parameters against dense's 4,013,208; recipes/README.md). Tying is what the arch is (the
+    """The small model (2x200) at under 10 % of dense's embedding+softmax parameters: one
+    random-shared table at 15 % of a dense table serving the input and the output layer, a
+    trained scale per word and sub-vector, and an output bias. Tying is what the arch is (the
     parent's flag defaults to False, so an unset flag cannot be told from an explicit one); for
     untied tables use the small model."""
     args.share_decoder_input_output_embed = True

@@ -256,7 +256,7 @@ class RandomSharedEmbedding(nn.Module):
 
     def adopt_stored_mapping(self, table, stored_digest, name):
         """Take a checkpoint's stored mapping as the table, once it matches its fingerprint."""
-        V, K, M = self.num_embeddings, self.num_subvectors, self.pool_size
+        V, K = self.num_embeddings, self.num_subvectors
         if table is None:
             raise RShareConfigError(
                 f"checkpoint table '{name}' has no stored mapping (it was trained with the random "
