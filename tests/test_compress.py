@@ -11,6 +11,7 @@ import torch
 from fairseq import checkpoint_utils
 
 from conftest import USER_DIR, fairseq, tiny_lm
+from fairseq_rshare.checkpoints import FAIRSEQ_GLOBALS
 from fairseq_rshare.compress import fit_pool, kmeans, learned_mapping, reconstruct, relative_error
 from fairseq_rshare.errors import RShareConfigError
 from fairseq_rshare.mapping import fingerprint, learned_mapping_size, make_mapping
@@ -182,7 +183,8 @@ def assert_one_line_error(result, message, prefix="fairseq-rshare-compress: erro
 
 
 def load(path, **overrides):
-    [model], _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides=overrides)
+    with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+        [model], _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides=overrides)
     return model.eval(), task
 
 
