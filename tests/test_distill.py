@@ -216,10 +216,11 @@ def sha256(path):
 def assert_holds_no_teacher_tensor(checkpoint, teacher_path):
     """No criterion state in the student's checkpoint, no teacher weight among its tensors, and
     optimizer state for the student's own parameters only."""
-    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
+    with torch.serialization.safe_globals(FAIRSEQ_GLOBALS):
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
+        teacher = checkpoint_utils.load_checkpoint_to_cpu(str(teacher_path))["model"]
     assert state["criterion"] is None
     assert state["optimizer_history"][-1]["criterion_name"] == "RShareDistillCriterion"
-    teacher = checkpoint_utils.load_checkpoint_to_cpu(str(teacher_path))["model"]
     weights = [t for t in teacher.values() if t.is_floating_point() and t.numel() > 1]
     for name, value in state["model"].items():
         assert not any(value.shape == t.shape and torch.equal(value, t) for t in weights), name
