@@ -293,7 +293,9 @@ def test_a_ratio_raised_to_a_larger_pool_is_reported_in_one_warning(lm_data, tmp
     assert "--rshare-ratio" not in result.stdout  # the input table's 0.1 is kept (499 of 499.2)
 
 
-def test_a_bad_flag_prints_its_line_alone_and_fairseqs_own_errors_still_show(lm_data, tmp_path):
+def test_a_bad_flag_prints_its_line_alone_and_fairseqs_own_errors_still_show(lm_data, tmp_path, monkeypatch):
+    # Hydra's deprecation warnings about fairseq's calls stay out also under warning options.
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore::DeprecationWarning")
     result = fairseq("fairseq-train", lm_data, *COMMON, *lm_task(), *LM_CASES["lstm_lm"],
                      "--rshare-subvectors", "7", "--max-update", "1", "--save-dir", tmp_path, check=False)
     assert result.returncode != 0

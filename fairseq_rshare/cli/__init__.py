@@ -37,11 +37,11 @@ def print_config_errors(exc_type, exc, tb):
 
 def quiet_hydra_deprecations():
     """fairseq 0.12 calls Hydra APIs that Hydra has since deprecated; the ~25 lines of warnings
-    about that in every command would bury the one-line errors.  Warning options the user gave
-    (python -W, PYTHONWARNINGS) are left as they are."""
-    if not sys.warnoptions:
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"hydra\.")
-        warnings.filterwarnings("ignore", message=r"\s*'config' is validated against ConfigStore schema")
+    about that in every command would bury the one-line errors.  Only those are silenced, also
+    under python -W or PYTHONWARNINGS (where ``-W error`` would otherwise stop fairseq itself);
+    every other warning follows the options the user gave."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"hydra\.")
+    warnings.filterwarnings("ignore", message=r"\s*'config' is validated against ConfigStore schema")
 
 
 def install_error_handling():
