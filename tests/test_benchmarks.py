@@ -41,3 +41,29 @@ def test_every_benchmark_runs_from_one_command_in_smoke_mode(tmp_path):
     for name in ("layers", "training"):
         assert (tmp_path / f"{name}.md").stat().st_size > 0
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_the_gpu_session_runs_every_part_on_the_cpu_in_smoke_mode(tmp_path):
+    from conftest import SHARED_DATA, shared_corpus
+
+    for corpus in ("ptb", "wikitext2", "multi30k"):
+        shared_corpus(corpus)
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_session.py"), "--cpu-smoke",
+                    "--out", str(out), "--work", str(tmp_path / "work"), "--data", SHARED_DATA, "--budget", "400"],
+                   check=True, capture_output=True)
+    files = sorted(path.name for path in out.iterdir())
+    assert files == ["layers.json", "logs.tar.gz", "precision.json", "recipes.json", "speed.json", "tests.json",
+                     "vocabulary.json"]  # at most 8 files come back from the GPU machine
+    parts = {name[:-5]: json.loads((out / name).read_text()) for name in files if name.endswith(".json")}
+    assert parts["tests"]["exit_status"] == 0 and "passed" in parts["tests"]["summary"]
+    for row in parts["layers"]["rows"]:
+        assert row["auto"] in ("pool-scores", "materialize")
+        assert all(row[variant]["ms"] > 0 for variant in ("dense", "rshare pool-scores", "rshare materialize"))
+    runs = parts["precision"]["runs"]
+    assert runs["float32"]["finite"] and runs["bfloat16"]["finite"] and "gap_to_float32" in runs["bfloat16"]
+    assert "--fp16 trains on a CUDA GPU only" in runs["float16"]["error"]  # no GPU here
+    assert all(run["updates"] > 0 and run["words_per_second"] > 0 for run in parts["speed"]["runs"])
+    assert parts["vocabulary"]["largest dense"] > 0 and parts["vocabulary"]["largest rshare 1 %"] > 0
+    assert [run["exit_status"] for run in parts["recipes"]["runs"]] == [0, 0]
+    assert all("result" in run for run in parts["recipes"]["runs"])

@@ -233,3 +233,57 @@ def test_evaluation_log_probs_equal_training_log_probs(path):
             normalised = output[0].logsumexp(-1).abs().max() < 1e-5
             assert normalised == (training or path == "pool-scores")
     assert torch.allclose(log_probs[True], log_probs[False], atol=1e-5)
+
+
+@pytest.fixture
+def synchronized(monkeypatch):
+    """torch.cuda.synchronize, recorded instead of run (no GPU here)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(str(device)))
+    return calls
+
+
+# Shapes from tiny to the largest vocabulary, including ones the cost model calls clear either way.
+SHAPES = [(2000, 64, 8, 160), (20_000, 512, 8, 1600), (10_000, 200, 8, 16_000), (800_000, 1024, 8, 64_000)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_auto_times_stock_ops_on_a_gpu_and_takes_materialize_where_they_lose(no_broadcast, synchronized, shape):
+    clock = FakeClock({"pool-scores": 0.003, "materialize": 0.001})
+    paths = PathChooser("auto", shape, "layer", timer=clock)
+    assert paths.needs_timing("cuda", torch.float32, "training")  # no kernel there: stock ops, timed
+    assert paths.time_training("cuda", clock.run, 100) == "materialize"
+    assert paths.path("cuda", torch.float32, "training") == "materialize"
+    assert not paths.needs_timing("cuda", torch.float32, "training")
+    # Every timed step waited for the GPU: one warm-up and MEASURED_STEPS a path.
+    assert synchronized == ["cuda"] * 2 * (1 + MEASURED_STEPS)
+
+
+def test_auto_takes_pool_scores_on_a_gpu_where_it_is_timed_faster(no_broadcast, synchronized):
+    clock = FakeClock({"pool-scores": 0.001, "materialize": 0.003})
+    paths = PathChooser("auto", (10_000, 200, 8, 16_000), "layer", timer=clock)
+    assert paths.path("cuda", torch.float32, "evaluation") == "materialize"  # untimed: no kernel there
+    batches = [torch.randn(10, 64), torch.randn(10, 64)]
+    for features in batches:
+        paths.time_evaluation("cuda", clock.run, features, len(features))
+    assert paths.path("cuda", torch.float32, "evaluation") == "pool-scores"
+    assert len(synchronized) == 2 * (1 + MEASURED_STEPS)  # each path: a one-token warm-up, then timed calls
+
+
+def test_stock_ops_on_the_cpu_are_not_timed():
+    paths = PathChooser("auto", (2000, 64, 8, 160), "layer")
+    assert paths.needs_timing("cpu", torch.float32, "training")  # the fused kernels' regime
+    assert not paths.needs_timing("cpu", torch.float64, "training")  # stock ops, measured to lose
+    assert paths.path("cpu", torch.float64, "training") == "materialize"
+
+
+def test_a_path_that_runs_out_of_device_memory_loses(no_broadcast, synchronized):
+    clock = FakeClock({"pool-scores": 0.003, "materialize": 0.001})
+
+    def step(path):
+        if path == "materialize":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        clock.run(path)
+
+    paths = PathChooser("auto", (800_000, 1024, 8, 64_000), "layer", timer=clock)
+    assert paths.time_training("cuda", step, 100) == "pool-scores"

@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 
-from .. import checkpoints
+from .. import checkpoints, precision
 from ..errors import RShareConfigError
 from ..tasks import empty_splits
 
@@ -50,4 +50,5 @@ def install_error_handling():
         _previous_excepthook, sys.excepthook = sys.excepthook, print_config_errors
     checkpoints.install()
     empty_splits.install()
+    precision.install()
     quiet_hydra_deprecations()

@@ -1,6 +1,7 @@
 """How the random-shared output layer chooses between its two paths (see RandomSharedOutput):
 the cost model, and with path "auto" the timing of both paths, the same choice on every rank."""
 import logging
+import math
 import time
 
 import torch
@@ -33,6 +34,11 @@ EVALUATION_TIMED_SECONDS = 0.02
 # H=1024 would build a 3.3 GB matrix, its gradient and tokens x V log-probabilities).
 TIMED_WITHIN = 4
 
+# Device types where the pool-scores path on stock ops (no fused kernel) was measured slower
+# than materialize at every shape, and `auto` takes materialize untimed.  Elsewhere (a GPU) it
+# times both paths.
+STOCK_POOL_SCORES_LOSE_ON = ("cpu",)
+
 
 def path_costs(num_words, embed_dim, num_subvectors, scores_per_token):
     """Cost model: (pool-scores, materialize) per token, in dense multiply-adds.  Pool scores
@@ -53,12 +59,27 @@ def pool_scores_is_cheaper(num_words, embed_dim, num_subvectors, scores_per_toke
     return pool_scores < materialize and kernels.supports(device, dtype)
 
 
+def finished_on(device, work):
+    """`work`, returning only once the device has done it: a GPU runs queued work after the
+    call returns, and a wall-clock timer must see it done."""
+    if torch.device(device).type != "cuda":
+        return work
+
+    def finished(*args):
+        result = work(*args)
+        torch.cuda.synchronize(device)
+        return result
+
+    return finished
+
+
 class PathChooser:
     """The path of one output layer, by its setting ("auto", "pool-scores" or "materialize").
 
     With "auto" it picks by the cost model (:func:`pool_scores_is_cheaper`) until it has timed
     both paths, which it does once per regime ("training", "evaluation") and device type, where
-    fused kernels run and the cost model is not clear by more than TIMED_WITHIN: training on
+    fused kernels run and the cost model is not clear by more than TIMED_WITHIN, and on a GPU
+    (stock ops there, which the cost model does not describe) at every shape: training on
     steps the layer hands it (:meth:`time_training`), evaluation on the layer's first two real
     evaluation calls, one path each (:meth:`time_evaluation`).  In distributed runs every rank
     takes rank 0's choice, so all run the same code.  ``timer`` gives the time in seconds.
@@ -83,23 +104,32 @@ class PathChooser:
         return self.chosen.get((torch.device(device).type, regime)) or self.untimed_path(device, dtype)
 
     def needs_timing(self, device, dtype, regime):
-        """auto, not yet timed for this regime on this device type, a cost model not clear, and
-        fused kernels here (without them pool scores lose anyway)."""
-        costs = path_costs(*self.cost_shape)
-        return (self.setting == "auto" and (torch.device(device).type, regime) not in self.chosen
-                and max(costs) <= TIMED_WITHIN * min(costs) and kernels.supports(device, dtype))
+        """auto, not yet timed for this regime on this device type, and either fused kernels
+        here with a cost model not clear, or a device where pool scores on stock ops have not
+        been measured to lose (the cost model, fitted to the kernels, says nothing of them)."""
+        device_type = torch.device(device).type
+        if self.setting != "auto" or (device_type, regime) in self.chosen:
+            return False
+        if kernels.supports(device, dtype):
+            costs = path_costs(*self.cost_shape)
+            return max(costs) <= TIMED_WITHIN * min(costs)
+        return device_type not in STOCK_POOL_SCORES_LOSE_ON
 
     def time_training(self, device, step, num_tokens):
         """Choose the training path: `step(path)` runs forward and backward of the loss on
         `num_tokens` tokens through `path`."""
-        seconds = {path: self.seconds_per_step(step, path) for path in TIMED_PATHS}
+        seconds = {path: self.seconds_per_step(finished_on(device, step), path) for path in TIMED_PATHS}
         return self.take_faster(seconds, num_tokens, device, "training")
 
     def seconds_per_step(self, step, path):
-        step(path)  # warm-up
-        start = self.timer()
-        for _ in range(MEASURED_STEPS):
-            step(path)
+        """Seconds per ``step(path)``, or infinity where the path runs out of device memory."""
+        try:
+            step(path)  # warm-up
+            start = self.timer()
+            for _ in range(MEASURED_STEPS):
+                step(path)
+        except torch.OutOfMemoryError:
+            return math.inf
         return (self.timer() - start) / MEASURED_STEPS
 
     def time_evaluation(self, device, call, features, num_tokens):
@@ -108,7 +138,7 @@ class PathChooser:
         the second the faster is kept.  Only the difference between the paths on one batch is
         lost."""
         path = next(path for path in TIMED_PATHS if path not in self.evaluation_seconds)
-        seconds, output = self.seconds_per_call(call, path, features)
+        seconds, output = self.seconds_per_call(finished_on(device, call), path, features)
         self.evaluation_seconds[path] = seconds / num_tokens
         if len(self.evaluation_seconds) == len(TIMED_PATHS):
             per_thousand = {path: 1000 * seconds for path, seconds in self.evaluation_seconds.items()}

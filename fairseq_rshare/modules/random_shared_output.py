@@ -26,7 +26,7 @@ class RandomSharedOutput(nn.Module):
       Faster when H/K is small or the pool is large (a dense matmul multiply-add is about
       SCORE_COST times cheaper than a pool score or a gathered score).
     A :class:`~.output_path.PathChooser` picks between them: with ``path="auto"`` by the cost
-    model, and where fused kernels run by timing both on the first call of each regime:
+    model, and where fused kernels run or on a GPU by timing both on the first call of each regime:
     training (:meth:`measure_path_once`, on random features of the batch's size) and
     evaluation (the first real batch through one path, the second through the other, forward
     only, the materialised matrix kept between calls) are timed and chosen apart.
