@@ -51,8 +51,9 @@ NMT_CASES = {
 
 
 def train(data, save_dir, task_flags, model_flags, max_update=30, extra=()):
-    return fairseq("fairseq-train", data, *COMMON, *task_flags, *model_flags,
-                   "--max-update", max_update, "--save-dir", save_dir, *extra)
+    # model_flags after --max-update: a case may train fewer updates (the full-size transformer)
+    return fairseq("fairseq-train", data, *COMMON, *task_flags, "--max-update", max_update,
+                   *model_flags, "--save-dir", save_dir, *extra)
 
 
 def lm_task(tokens=32):
