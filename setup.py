@@ -17,7 +17,7 @@ setup(
     extras_require={
         "recipes": RECIPES,
         "export": EXPORT,
-        "test": ["pytest>=7", "hypothesis"] + RECIPES + EXPORT,
+        "test": ["pytest>=7", "pytest-xdist", "hypothesis"] + RECIPES + EXPORT,
     },
     entry_points={
         "console_scripts": [

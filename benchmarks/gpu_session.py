@@ -163,9 +163,8 @@ def device(session):
 
 def part_tests(session, deadline):
     """pytest -k on the device: the CUDA tests on a GPU, the CPU's fast ones in the smoke run."""
-    import importlib.util
     selection = ["-m", "not slow", "-k", "cpu"] if session.smoke else ["-k", "cuda"]
-    parallel = ["-n", "4"] if importlib.util.find_spec("xdist") and not session.smoke else []
+    parallel = ["-n", "0"] if session.smoke else ["-n", "4"]
     log = os.path.join(session.logs, "pytest.log")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel,
                *selection, os.path.join(REPO, "tests", "test_devices.py"), os.path.join(REPO, "tests", "test_output_path.py")]

@@ -13,6 +13,10 @@ from fairseq_rshare.tools import fairseq_tool
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_rshare")
 SHARED_DATA = os.environ.get("RSHARE_DATA", os.path.join(REPO, "..", "shared", "data"))
+# Threads for each test and each command it runs: the cores shared among pytest-xdist's workers
+# (more threads than cores would make OpenMP's workers wait on each other).
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(THREADS)
 
 
 def shared_corpus(name):
@@ -31,7 +35,7 @@ def fairseq(tool, *args, check=True, stdin=None, cwd=None):
     command = [*fairseq_tool(tool), *map(str, args)]
     result = subprocess.run(
         command, input=stdin, capture_output=True, text=True, cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        env={**os.environ, "OMP_NUM_THREADS": str(THREADS)},
     )
     if check and result.returncode:
         raise AssertionError(

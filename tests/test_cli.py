@@ -14,7 +14,8 @@ from conftest import USER_DIR, fairseq
 from fairseq_rshare.models.rshare_config import RShareConfig
 from fairseq_rshare.tools import eval_lm_perplexity
 
-pytestmark = pytest.mark.slow
+# One worker trains the module's shared models (xdist_group) once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli")]
 
 COMMON = ["--user-dir", USER_DIR, "--cpu", "--optimizer", "adam", "--lr", "0.005",
           "--max-tokens", "1024", "--no-progress-bar", "--log-format", "simple",

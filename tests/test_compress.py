@@ -19,6 +19,9 @@ from fairseq_rshare.modules import RandomSharedEmbedding
 from fairseq_rshare.modules.random_shared_embedding import fingerprint_parts
 from fairseq_rshare.tools import eval_lm_perplexity
 
+# One worker trains the module's shared models (xdist_group) once.
+pytestmark = pytest.mark.xdist_group("compress")
+
 
 def test_pool_fit_is_the_least_squares_solution():
     """Against numpy's lstsq on the linear system D = A pool, with a row left out of the fit."""

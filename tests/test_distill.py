@@ -20,6 +20,9 @@ from fairseq_rshare.errors import RShareConfigError
 
 from conftest import USER_DIR, fairseq
 
+# One worker trains the module's shared models (xdist_group) once.
+pytestmark = pytest.mark.xdist_group("distill")
+
 SMALL_LSTM_LM = ["--arch", "rshare_lstm_lm", "--decoder-embed-dim", "32", "--decoder-hidden-size", "32",
                  "--decoder-out-embed-dim", "32", "--decoder-layers", "1"]
 STATEFUL = ["--user-dir", USER_DIR, "--cpu", "--task", "stateful_lm", "--tokens-per-sample", "10",

@@ -16,7 +16,8 @@ from fairseq_rshare.cli.export import export as export_checkpoint
 from fairseq_rshare.errors import RShareConfigError
 from fairseq_rshare.tools import eval_lm_perplexity
 
-pytestmark = pytest.mark.slow
+# One worker trains the module's shared models (xdist_group) once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
 
 COMMON = ["--user-dir", USER_DIR, "--cpu", "--max-tokens", "2048", "--no-progress-bar",
           "--log-format", "simple", "--no-epoch-checkpoints", "--seed", "1", "--disable-validation"]

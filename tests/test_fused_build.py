@@ -18,6 +18,8 @@ INPUTS = {
     "python": "cpython-311",
     "machine": "x86_64",
 }
+# The slow tests share one build of the kernels (built_cache): one worker runs them all.
+pytestmark = pytest.mark.xdist_group("kernel_build")
 
 
 def test_build_key_names_the_binary():

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, shared_corpus
+from conftest import REPO, THREADS, shared_corpus
 from fairseq_rshare.tools import environment_with_tools
 from recipes import record_result, results_table, variants
 
@@ -19,7 +19,7 @@ MARKUP = re.compile(r"</?(seg|doc|url|talkid|keywords|speaker|title|description|
 
 def recipe(script, tmp_path, check=True, path=None, **variables):
     """Run a recipe with the given variables; return the CompletedProcess."""
-    env = {**environment_with_tools(), "OMP_NUM_THREADS": "2", **{k: str(v) for k, v in variables.items()}}
+    env = {**environment_with_tools(), "OMP_NUM_THREADS": str(THREADS), **{k: str(v) for k, v in variables.items()}}
     if path:
         env["PATH"] = path
     result = subprocess.run(["bash", os.path.join(RECIPES, script)], capture_output=True, text=True,
