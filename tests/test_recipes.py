@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO, THREADS, shared_corpus
 from fairseq_rshare.tools import environment_with_tools
-from recipes import record_result, results_table, variants
+from recipes import budget, record_result, results_table, variants
 
 RECIPES = os.path.join(REPO, "recipes")
 MARKUP = re.compile(r"</?(seg|doc|url|talkid|keywords|speaker|title|description|refset|srcset)\b|&(amp|lt|gt|quot);")
@@ -380,3 +380,25 @@ def test_word_level_vocabulary_keeps_whole_words_and_writes_unk_for_the_rest(tmp
             assert piece in ("<unk>", "\u2581" + word)
     types = {piece for line in pieces for piece in line}
     assert "<unk>" in types and len(types) <= 500
+
+
+def test_budget_finds_the_largest_ratio_within_the_dense_runs_total(lm_data):
+    model = ["--arch", "rshare_lstm_lm", "--decoder-layers", "2"]
+    words = len(open(lm_data / "dict.txt").readlines()) + 4
+    dense = budget.total_parameters(str(lm_data), model, "dense-h32", words)
+    lstm = 2 * (4 * 32 * (32 + 32) + 2 * 4 * 32)  # two LSTM cells: input and hidden weights, two biases
+    assert dense == words * 32 + lstm + (words * 32 + words)  # embedding, LSTM, output layer with its bias
+    step = budget.largest_fitting_ratio(lambda step: budget.total_parameters(
+        str(lm_data), model, budget.ratio_name("rshare-R-bias-h48", step), words) <= dense)
+    fitting = budget.total_parameters(str(lm_data), model, budget.ratio_name("rshare-R-bias-h48", step), words)
+    larger = budget.total_parameters(str(lm_data), model, budget.ratio_name("rshare-R-bias-h48", step + 1), words)
+    assert fitting <= dense < larger
+    assert budget.ratio_name("rshare-R-bias-h48", 250) == "rshare-0.25-bias-h48"
+
+
+def test_budget_names_a_run_without_its_ratio_placeholder(lm_data):
+    result = subprocess.run([sys.executable, "-m", "recipes.budget", str(lm_data), "--dense", "dense",
+                             "--rshare", "rshare-0.1-bias"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith("--rshare rshare-0.1-bias: start it with rshare-R "
+                                                   "(R stands for the ratio to find)")

@@ -1,0 +1,82 @@
+"""The largest table ratio at which an rshare LM run fits a dense run's parameter budget, on the
+corpus at hand, so that same-budget pairs are chosen by rule and not per corpus by hand:
+
+    python3 -m recipes.budget DATA-BIN --dense dense-tied-h200-drop0.3 \\
+        --rshare rshare-R-bias-scale-tied-h300-drop0.3 -- --arch rshare_lstm_lm_ptb_small
+
+prints the rshare run's name with R filled in (``rshare-0.362-bias-...``) and both totals. Each
+run is built as lm.sh builds it: ``--task stateful_lm`` on DATA-BIN's dictionary, the preset's
+model flags (after ``--``) and the run name's flags. Every parameter counts, a stored mapping as
+its bytes / 4. R is searched on a grid of 0.001: the rshare total grows with R.
+"""
+import argparse
+import os
+import sys
+
+from fairseq import options, tasks
+
+from fairseq_rshare.checkpoints import count_by_component
+from fairseq_rshare.errors import RShareConfigError
+from recipes import variants
+
+USER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fairseq_rshare")
+GRID = 1000  # R in steps of 1 / GRID
+
+
+def ratio_name(template, step):
+    return template.replace("rshare-R", "rshare-" + f"{step / GRID:.3f}".rstrip("0"), 1)
+
+
+def total_parameters(data_bin, model_flags, name, words):
+    """All parameters of run `name` of lm.sh, built on `data_bin`'s dictionary."""
+    arguments = [data_bin, "--user-dir", USER_DIR, "--task", "stateful_lm", "--cpu", *model_flags,
+                 *variants.flags("lm", name, words).split()]
+    args = options.parse_args_and_arch(options.get_training_parser(), arguments)
+    model = tasks.setup_task(args).build_model(args)
+    return sum(count_by_component(model, args.arch).values())
+
+
+def largest_fitting_ratio(fits):
+    """The largest step in 1..GRID-1 for which ``fits(step)`` holds, `fits` being monotone (true
+    up to some step, false after), or None when even the first step does not fit."""
+    low, high = 0, GRID  # fits(low) is taken as true, fits(high) as false
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low or None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python3 -m recipes.budget", description=__doc__,
+                                     usage="%(prog)s DATA-BIN --dense NAME --rshare NAME [-- MODEL FLAGS]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_bin", metavar="DATA-BIN", help="the corpus as lm.sh's prepare step binarised it")
+    parser.add_argument("--dense", required=True, metavar="NAME", help="the dense run whose total is the budget")
+    parser.add_argument("--rshare", required=True, metavar="NAME", help="an rshare run name starting rshare-R")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    model_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:len(argv) - len(model_flags) - ("--" in argv)])
+    args.model_flags = model_flags
+    if not args.rshare.startswith("rshare-R-") and args.rshare != "rshare-R":
+        parser.error(f"--rshare {args.rshare}: start it with rshare-R (R stands for the ratio to find)")
+    dictionary = os.path.join(args.data_bin, "dict.txt")
+    if not os.path.isfile(dictionary):
+        parser.error(f"{dictionary} is missing: give the data-bin folder of lm.sh's prepare step")
+    with open(dictionary) as f:
+        words = sum(1 for _ in f) + 4
+    try:
+        budget = total_parameters(args.data_bin, args.model_flags, args.dense, words)
+        step = largest_fitting_ratio(lambda step: total_parameters(
+            args.data_bin, args.model_flags, ratio_name(args.rshare, step), words) <= budget)
+        if step is None:
+            sys.exit(f"recipes.budget: {ratio_name(args.rshare, 1)} already has more than {args.dense}'s "
+                     f"{budget:,} parameters: pick a smaller rshare model")
+        name = ratio_name(args.rshare, step)
+        print(f"{name}\t{total_parameters(args.data_bin, args.model_flags, name, words):,} parameters "
+              f"<= {args.dense}\t{budget:,}")
+    except (variants.VariantError, RShareConfigError) as error:
+        sys.exit(f"recipes.budget: {error}")
+
+
+if __name__ == "__main__":
+    main()
