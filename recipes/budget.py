@@ -2,24 +2,26 @@
 corpus at hand, so that same-budget pairs are chosen by rule and not per corpus by hand:
 
     python3 -m recipes.budget DATA-BIN --dense dense-tied-h200-drop0.3 \\
-        --rshare rshare-R-bias-scale-tied-h300-drop0.3 -- --arch rshare_lstm_lm_ptb_small
+        --rshare rshare-R-bias-scale-tied-h320-drop0.3 -- --arch rshare_lstm_lm_ptb_small
 
-prints the rshare run's name with R filled in (``rshare-0.362-bias-...``) and both totals. Each
+prints the rshare run's name with R filled in (``rshare-0.284-bias-...`` on PTB) and both totals. Each
 run is built as lm.sh builds it: ``--task stateful_lm`` on DATA-BIN's dictionary, the preset's
 model flags (after ``--``) and the run name's flags. Every parameter counts, a stored mapping as
 its bytes / 4. R is searched on a grid of 0.001: the rshare total grows with R.
 """
 import argparse
+import functools
 import os
 import sys
 
 from fairseq import options, tasks
 
+import fairseq_rshare
 from fairseq_rshare.checkpoints import count_by_component
 from fairseq_rshare.errors import RShareConfigError
 from recipes import variants
 
-USER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fairseq_rshare")
+USER_DIR = os.path.dirname(os.path.abspath(fairseq_rshare.__file__))
 GRID = 1000  # R in steps of 1 / GRID
 
 
@@ -66,14 +68,16 @@ def main(argv=None):
         words = sum(1 for _ in f) + 4
     try:
         budget = total_parameters(args.data_bin, args.model_flags, args.dense, words)
-        step = largest_fitting_ratio(lambda step: total_parameters(
-            args.data_bin, args.model_flags, ratio_name(args.rshare, step), words) <= budget)
+
+        @functools.lru_cache(maxsize=None)
+        def rshare_total(step):
+            return total_parameters(args.data_bin, args.model_flags, ratio_name(args.rshare, step), words)
+
+        step = largest_fitting_ratio(lambda step: rshare_total(step) <= budget)
         if step is None:
             sys.exit(f"recipes.budget: {ratio_name(args.rshare, 1)} already has more than {args.dense}'s "
                      f"{budget:,} parameters: pick a smaller rshare model")
-        name = ratio_name(args.rshare, step)
-        print(f"{name}\t{total_parameters(args.data_bin, args.model_flags, name, words):,} parameters "
-              f"<= {args.dense}\t{budget:,}")
+        print(f"{ratio_name(args.rshare, step)}\t{rshare_total(step):,} parameters <= {args.dense}\t{budget:,}")
     except (variants.VariantError, RShareConfigError) as error:
         sys.exit(f"recipes.budget: {error}")
 
