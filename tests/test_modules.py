@@ -1,4 +1,5 @@
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -343,6 +344,14 @@ def test_no_module_below_the_models_names_a_flag():
     below = [*(package / "modules").glob("*.py"), *(package / "kernels").glob("*.py"),
              package / "mapping.py", package / "compress.py"]
     assert [path.name for path in below if "--rshare" in path.read_text()] == []
+
+
+def test_only_the_kernel_registry_names_a_device_type():
+    """What runs where is the kernels' registry's knowledge; the modules ask it."""
+    package = pathlib.Path(fairseq_rshare.__file__).parent
+    naming = [str(path.relative_to(package)) for path in package.rglob("*.py")
+              if path.parent.name != "kernels" and re.search(r"""["']cpu["']""", path.read_text())]
+    assert naming == []
 
 
 @pytest.mark.parametrize("count", [9, 100])

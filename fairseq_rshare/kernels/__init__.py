@@ -65,6 +65,18 @@ def supports(device, dtype):
     return backend_for(device, dtype) is not None
 
 
+# Device types where the word functions on stock ops (no fused kernel) were measured slower than
+# multiplying by the materialised matrix at every shape, so the output layer's `auto` takes
+# materialize there untimed.  Elsewhere (a GPU) it times both paths.
+_STOCK_OPS_LOSE_ON = ("cpu",)
+
+
+def stock_pool_scores_lose(device):
+    """The pool-scores path on stock ops was measured to lose to materialize on this device type
+    at every shape."""
+    return torch.device(device).type in _STOCK_OPS_LOSE_ON
+
+
 def log_softmax_of_words(scores, mapping_columns, bias=None):
     """log_softmax over words of sum_k scores[:, mapping_columns[w, k]] (+ bias); scores is (N, R),
     ``mapping_columns`` the (V, K) int32 table of score columns.  Returns (N, V)."""

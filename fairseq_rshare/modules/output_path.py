@@ -34,12 +34,6 @@ EVALUATION_TIMED_SECONDS = 0.02
 # H=1024 would build a 3.3 GB matrix, its gradient and tokens x V log-probabilities).
 TIMED_WITHIN = 4
 
-# Device types where the pool-scores path on stock ops (no fused kernel) was measured slower
-# than materialize at every shape, and `auto` takes materialize untimed.  Elsewhere (a GPU) it
-# times both paths.
-STOCK_POOL_SCORES_LOSE_ON = ("cpu",)
-
-
 def path_costs(num_words, embed_dim, num_subvectors, scores_per_token):
     """Cost model: (pool-scores, materialize) per token, in dense multiply-adds.  Pool scores
     cost (scores per token) * H/K multiply-adds plus V*K gathered scores, each about
@@ -113,7 +107,7 @@ class PathChooser:
         if kernels.supports(device, dtype):
             costs = path_costs(*self.cost_shape)
             return max(costs) <= TIMED_WITHIN * min(costs)
-        return device_type not in STOCK_POOL_SCORES_LOSE_ON
+        return not kernels.stock_pool_scores_lose(device)
 
     def time_training(self, device, step, num_tokens):
         """Choose the training path: `step(path)` runs forward and backward of the loss on
