@@ -19,7 +19,8 @@ is stopped and recorded as such, with what it had written):
   vocabulary the largest vocabulary whose LSTM LM (1x512, 700 tokens a batch, Adam) trains on the
              GPU, dense against rshare at 1 %, by doubling
   recipes    lm.sh runs in parallel until the budget ends (--stop-time-hours), then evaluated:
-             WikiText-2 same-budget pairs, then PTB pairs with seed 2
+             the tied same-budget pairs (ratios by recipes.budget) on WikiText-2, then on PTB
+             with seeds 1 and 2
 Writes PART.json for each part and logs.tar.gz (every log) into --out: at most 8 files.
 """
 import argparse
@@ -47,8 +48,13 @@ CAPS = {"tests": 120, "layers": 75, "precision": 60, "speed": 140, "vocabulary":
 SMOKE_CAPS = {"tests": 60, "layers": 30, "precision": 75, "speed": 90, "vocabulary": 20, "recipes": 0}
 # Relative gap of a lower precision's mean loss over its last logged updates to float32's, at most.
 PRECISION_TOLERANCE = 0.02
-WIKITEXT2_PAIRS = ["rshare-0.45-bias-h320-drop0.3", "dense-drop0.3", "rshare-0.37-bias-drop0.3",
-                   "dense-h100-drop0.3", "rshare-0.6-bias-h400-drop0.3", "dense-h300-drop0.3"]
+# The same-budget curves, tied against tied: each dense run beside the rshare run whose table
+# ratio R recipes.budget finds on the corpus at hand (its total at or below the dense one's).
+# Every run names its width, so the cpu preset's architecture counts them for any preset.
+SAME_BUDGET_PAIRS = [("dense-tied-h150-drop0.3", "rshare-R-bias-scale-tied-h200-drop0.3"),
+                     ("dense-tied-h200-drop0.3", "rshare-R-bias-scale-tied-h320-drop0.3"),
+                     ("dense-tied-h400-drop0.3", "rshare-R-bias-scale-tied-h560-drop0.3")]
+BUDGET_MODEL = ["--arch", "rshare_lstm_lm_ptb_small"]
 PARALLEL_RUNS = 12
 
 
@@ -463,13 +469,15 @@ def part_vocabulary(session, deadline):
 def part_recipes(session, deadline):
     """lm.sh runs in parallel, each told to stop training in time to be evaluated by the deadline."""
     preset = "smoke" if session.smoke else "cpu"
-    runs = [("wikitext2", variant, 1) for variant in WIKITEXT2_PAIRS]
-    runs += [("ptb", variant, 2) for variant in ("rshare-0.45-bias-h320-drop0.3", "dense-drop0.3",
-                                                  "rshare-0.37-bias-drop0.3", "dense-h100-drop0.3",
-                                                  "rshare-0.6-bias-h400-drop0.3", "dense-h300-drop0.3")]
-    runs = runs[:2] if session.smoke else runs[:PARALLEL_RUNS]
-    for corpus in sorted({corpus for corpus, _, _ in runs}):
-        prepare(session, "lm.sh", corpus, preset)
+    # WikiText-2's pairs, then PTB's with seeds 1 and 2; the smoke run, PTB's first pair.
+    plan = [("ptb", 1, 1)] if session.smoke else [("wikitext2", 3, 1), ("ptb", 3, 1), ("ptb", 3, 2)]
+    pairs_of = {corpus: SAME_BUDGET_PAIRS[:pairs] for corpus, pairs, _ in plan}
+    searches = {(corpus, dense, rshare): same_budget_search(session, prepare(session, "lm.sh", corpus, preset),
+                                                           dense, rshare)
+                for corpus, pairs in pairs_of.items() for dense, rshare in pairs}
+    found = {key: same_budget_run(key, search) for key, search in searches.items()}
+    runs = [(corpus, name, seed) for corpus, pairs, seed in plan for dense, rshare in SAME_BUDGET_PAIRS[:pairs]
+            for name in (dense, found[corpus, dense, rshare])][:PARALLEL_RUNS]
     evaluation_seconds = 20 if session.smoke else 60
     hours = max(deadline - time.time() - evaluation_seconds - 30, 10) / 3600
     extra = f"--stop-time-hours {hours:.4f}" + (" --max-update 10" if session.smoke else "")
@@ -493,6 +501,22 @@ def part_recipes(session, deadline):
     for corpus in {corpus for corpus, _, _ in runs}:
         keep_logs(session, os.path.join(session.work, f"recipes-{corpus}"), f"recipes-{corpus}")
     session.write("recipes", result)
+
+
+def same_budget_search(session, prepared, dense, rshare):
+    """Start recipes.budget on a prepared corpus: the rshare run with the largest ratio whose total
+    fits the dense run's.  Returns the Popen (the searches run side by side)."""
+    return subprocess.Popen([sys.executable, "-m", "recipes.budget", os.path.join(prepared, "data-bin"), "--dense",
+                             dense, "--rshare", rshare, "--", *BUDGET_MODEL], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=session.env, cwd=REPO)
+
+
+def same_budget_run(key, search):
+    """The run name a search found."""
+    out, err = search.communicate()
+    if search.returncode:
+        raise RuntimeError(f"recipes.budget {' '.join(key)} failed: {err.strip().splitlines()[-1:]}")
+    return out.split()[0]
 
 
 PART_FUNCTIONS = {"tests": part_tests, "layers": part_layers, "precision": part_precision, "speed": part_speed,
