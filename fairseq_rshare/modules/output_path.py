@@ -34,6 +34,7 @@ EVALUATION_TIMED_SECONDS = 0.02
 # H=1024 would build a 3.3 GB matrix, its gradient and tokens x V log-probabilities).
 TIMED_WITHIN = 4
 
+
 def path_costs(num_words, embed_dim, num_subvectors, scores_per_token):
     """Cost model: (pool-scores, materialize) per token, in dense multiply-adds.  Pool scores
     cost (scores per token) * H/K multiply-adds plus V*K gathered scores, each about
