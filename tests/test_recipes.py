@@ -307,21 +307,20 @@ def first_lines(corpus, folder, lines):
     return folder
 
 
-# WikiText-2 cut to a sixth of its training text and a tenth of valid and test: a vocabulary
-# of about 20k words still, and the recipe's evaluation passes take seconds instead of minutes.
-WIKITEXT2_LINES = {"train.txt": 6000, "valid.txt": 400, "test.txt": 400}
-
-# Multi30k cut to a third of its training pairs and a quarter of its test set.
-MULTI30K_LINES = {f"{split}.{language}": lines for split, lines in (("train", 10_000), ("test2016", 250))
-                  for language in ("de", "en")}
+# Real corpora cut for the recipes' end-to-end runs, whose evaluation passes then take seconds
+# instead of minutes: PTB's training text whole (its 10k-word vocabulary), WikiText-2's a sixth
+# (about 20k words still), valid and test a tenth of each; Multi30k a third of its training pairs
+# and a quarter of its test set.
+SHORTENED = {"ptb": {"valid.txt": 400, "test.txt": 400},
+             "wikitext2": {"train.txt": 6000, "valid.txt": 400, "test.txt": 400},
+             "multi30k": {f"{split}.{language}": lines for split, lines in (("train", 10_000), ("test2016", 250))
+                          for language in ("de", "en")}}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("corpus", ["ptb", "wikitext2"])
 def test_lm_recipe_end_to_end_shortened(tmp_path, corpus):
-    data = shared_corpus(corpus)
-    if corpus == "wikitext2":
-        data = first_lines(data, tmp_path / "wikitext2", WIKITEXT2_LINES)
+    data = first_lines(shared_corpus(corpus), tmp_path / corpus, SHORTENED[corpus])
     rshare_variant = "rshare-0.1-freq-k4-std0.2-h64-drop0.2-poollr2" if corpus == "ptb" else "rshare-0.1"
     variants = ["dense", rshare_variant]
     recipe("lm.sh", tmp_path, CORPUS=corpus, DATA=data, PRESET="smoke", WORK=tmp_path / "work",
@@ -346,7 +345,7 @@ def test_lm_recipe_end_to_end_shortened(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_lm_recipe_compresses_its_teacher_and_distils_it(tmp_path):
-    data = shared_corpus("ptb")
+    data = first_lines(shared_corpus("ptb"), tmp_path / "ptb", SHORTENED["ptb"])
     work = tmp_path / "work"
     student = "rshare-0.1-bias-kmeans-distill"
     failed = recipe("lm.sh", tmp_path, check=False, DATA=data, PRESET="smoke", WORK=work, VARIANTS=student)
@@ -368,7 +367,7 @@ def test_lm_recipe_compresses_its_teacher_and_distils_it(tmp_path):
 
 @pytest.mark.slow
 def test_translation_recipe_end_to_end_shortened(tmp_path):
-    data = first_lines(shared_corpus("multi30k"), tmp_path / "multi30k", MULTI30K_LINES)
+    data = first_lines(shared_corpus("multi30k"), tmp_path / "multi30k", SHORTENED["multi30k"])
     recipe("translation.sh", tmp_path, DATA=data, PRESET="smoke", WORK=tmp_path / "work", VOCAB="1500")
     # a vocabulary other than the preset's names the results after it
     results = check_results(tmp_path / "work/results", ["dense", "rshare-0.1"], "test_bleu", lambda bleu: bleu > 1,
@@ -382,7 +381,7 @@ def test_translation_recipe_end_to_end_shortened(tmp_path):
         expected = (epochs[0][key] + epochs[1][key]) / 2 if value.is_floating_point() else epochs[1][key]
         assert torch.allclose(value, expected, atol=1e-6) and value.dtype == epochs[1][key].dtype, key
     assert results["rshare-0.1"]["sacrebleu_signature"].startswith("nrefs:1|case:mixed")
-    assert len(lines_of(tmp_path / "work/rshare-0.1/test.hyp")) == MULTI30K_LINES["test2016.en"]
+    assert len(lines_of(tmp_path / "work/rshare-0.1/test.hyp")) == SHORTENED["multi30k"]["test2016.en"]
     assert "test BLEU" in tabulate(tmp_path / "work/results", tmp_path)
 
 
