@@ -38,9 +38,7 @@ import sys
 import tarfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path[:0] = [REPO, HERE]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PARTS = ("tests", "layers", "precision", "speed", "vocabulary", "recipes")
 # Seconds each part may take at most (recipes: whatever is left).
