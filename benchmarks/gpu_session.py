@@ -513,7 +513,8 @@ def same_budget_run(key, search):
     """The run name a search found."""
     out, err = search.communicate()
     if search.returncode:
-        raise RuntimeError(f"recipes.budget {' '.join(key)} failed: {err.strip().splitlines()[-1:]}")
+        last = (err.strip().splitlines() or [f"exit status {search.returncode}"])[-1]
+        raise RuntimeError(f"recipes.budget {' '.join(key)} failed: {last}")
     return out.split()[0]
 
 
