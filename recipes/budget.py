@@ -4,10 +4,13 @@ corpus at hand, so that same-budget pairs are chosen by rule and not per corpus 
     python3 -m recipes.budget DATA-BIN --dense dense-tied-h200-drop0.3 \\
         --rshare rshare-R-bias-scale-tied-h320-drop0.3 -- --arch rshare_lstm_lm_ptb_small
 
-prints the rshare run's name with R filled in (``rshare-0.284-bias-...`` on PTB) and both totals. Each
-run is built as lm.sh builds it: ``--task stateful_lm`` on DATA-BIN's dictionary, the preset's
-model flags (after ``--``) and the run name's flags. Every parameter counts, a stored mapping as
-its bytes / 4. R is searched on a grid of 0.001: the rshare total grows with R.
+prints the rshare run's name with R filled in (``rshare-0.284-bias-...`` on PTB) and both totals.
+With ``--tables F`` the budget is F times the dense run's embedding+softmax parameters, and the
+rshare run's embedding+softmax parameters must fit it (a compression target: ``--tables 0.1``,
+tables at 10 % of the dense ones). Each run is built as lm.sh builds it: ``--task stateful_lm`` on
+DATA-BIN's dictionary, the preset's model flags (after ``--``) and the run name's flags. Every
+parameter counts, a stored mapping as its bytes / 4. R is searched on a grid of 0.001: the rshare
+count grows with R.
 """
 import argparse
 import functools
@@ -29,13 +32,25 @@ def ratio_name(template, step):
     return template.replace("rshare-R", "rshare-" + f"{step / GRID:.3f}".rstrip("0"), 1)
 
 
-def total_parameters(data_bin, model_flags, name, words):
-    """All parameters of run `name` of lm.sh, built on `data_bin`'s dictionary."""
+def parameters(data_bin, model_flags, name, words):
+    """The parameters of run `name` of lm.sh, built on `data_bin`'s dictionary, by component
+    (input, output, body)."""
     arguments = [data_bin, "--user-dir", USER_DIR, "--task", "stateful_lm", "--cpu", *model_flags,
                  *variants.flags("lm", name, words).split()]
     args = options.parse_args_and_arch(options.get_training_parser(), arguments)
     model = tasks.setup_task(args).build_model(args)
-    return sum(count_by_component(model, args.arch).values())
+    return count_by_component(model, args.arch)
+
+
+def total_parameters(data_bin, model_flags, name, words):
+    """All parameters of run `name` of lm.sh, built on `data_bin`'s dictionary."""
+    return sum(parameters(data_bin, model_flags, name, words).values())
+
+
+def table_parameters(data_bin, model_flags, name, words):
+    """The embedding+softmax parameters of run `name` of lm.sh, built on `data_bin`'s dictionary."""
+    counts = parameters(data_bin, model_flags, name, words)
+    return counts["input"] + counts["output"]
 
 
 def largest_fitting_ratio(fits):
@@ -55,6 +70,8 @@ def main(argv=None):
     parser.add_argument("data_bin", metavar="DATA-BIN", help="the corpus as lm.sh's prepare step binarised it")
     parser.add_argument("--dense", required=True, metavar="NAME", help="the dense run whose total is the budget")
     parser.add_argument("--rshare", required=True, metavar="NAME", help="an rshare run name starting rshare-R")
+    parser.add_argument("--tables", type=float, metavar="F", help="budget F times the dense run's embedding+softmax "
+                        "parameters, for the rshare run's (default: the dense run's total, for the rshare total)")
     argv = sys.argv[1:] if argv is None else list(argv)
     model_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(model_flags) - ("--" in argv)])
@@ -66,18 +83,25 @@ def main(argv=None):
         parser.error(f"{dictionary} is missing: give the data-bin folder of lm.sh's prepare step")
     with open(dictionary) as f:
         words = sum(1 for _ in f) + 4
+    if args.tables is not None and not 0 < args.tables < 1:
+        parser.error(f"--tables {args.tables}: give the fraction of the dense tables, between 0 and 1")
+    count, what = (total_parameters, "parameters") if args.tables is None else \
+        (table_parameters, "embedding+softmax parameters")
     try:
-        budget = total_parameters(args.data_bin, args.model_flags, args.dense, words)
+        budget = count(args.data_bin, args.model_flags, args.dense, words)
+        if args.tables is not None:
+            budget = int(args.tables * budget)
 
         @functools.lru_cache(maxsize=None)
-        def rshare_total(step):
-            return total_parameters(args.data_bin, args.model_flags, ratio_name(args.rshare, step), words)
+        def rshare_count(step):
+            return count(args.data_bin, args.model_flags, ratio_name(args.rshare, step), words)
 
-        step = largest_fitting_ratio(lambda step: rshare_total(step) <= budget)
+        step = largest_fitting_ratio(lambda step: rshare_count(step) <= budget)
+        of_dense = args.dense if args.tables is None else f"{args.tables:g} x {args.dense}'s"
         if step is None:
-            sys.exit(f"recipes.budget: {ratio_name(args.rshare, 1)} already has more than {args.dense}'s "
-                     f"{budget:,} parameters: pick a smaller rshare model")
-        print(f"{ratio_name(args.rshare, step)}\t{rshare_total(step):,} parameters <= {args.dense}\t{budget:,}")
+            sys.exit(f"recipes.budget: {ratio_name(args.rshare, 1)} already has more than {of_dense} "
+                     f"{budget:,} {what}: pick a smaller rshare model")
+        print(f"{ratio_name(args.rshare, step)}\t{rshare_count(step):,} {what} <= {of_dense}\t{budget:,}")
     except (variants.VariantError, RShareConfigError) as error:
         sys.exit(f"recipes.budget: {error}")
 

@@ -23,9 +23,10 @@ variants() {
 
 # start_from_teacher RECIPE WORDS NAME RUN_DIR: a run that starts from its teacher (a dense run of
 # the same WORK) needs the teacher's checkpoint; one that starts compressed gets its compressed
-# checkpoint from fairseq-rshare-compress before its training starts (not again on a resume).
+# checkpoint from fairseq-rshare-compress before its training starts (not again on a resume),
+# with the command's log and wall time beside it ($WORK/compressed/NAME.log, NAME.seconds).
 start_from_teacher() {
-  local teacher compress
+  local teacher compress start
   teacher=$(variants teacher "$1" "$2" "$3")
   [ -z "$teacher" ] && return
   [ -f "$teacher" ] || die "$3 starts from $teacher, which is missing: train and evaluate its teacher first (VARIANTS=$(basename "$(dirname "$teacher")"))"
@@ -33,8 +34,10 @@ start_from_teacher() {
   if [ -n "$compress" ] && [ ! -f "$4/checkpoint_last.pt" ]; then
     step "compress $teacher for $3, log: $WORK/compressed/$3.log"
     mkdir -p "$WORK/compressed"
+    start=$(date +%s)
     fairseq-rshare-compress $compress --data "$WORK/data-bin" >"$WORK/compressed/$3.log" 2>&1 \
       || die "compressing the teacher of $3 failed: see $WORK/compressed/$3.log"
+    echo $(( $(date +%s) - start )) >"$WORK/compressed/$3.seconds"
   fi
 }
 
@@ -73,13 +76,20 @@ seeded() {
 
 # record_variant RECIPE VARIANT NAME RUN_DIR CHECKPOINT METRIC_ARGS...: write
 # $WORK/results/NAME.json (recipes/record_result.py) for the evaluated CHECKPOINT of run VARIANT,
-# with how it started and, for a run that starts from its teacher, the teacher's results.
+# with how it started, for a run that starts from its teacher the teacher's results, and for one
+# that starts compressed what the compression reported.
 record_variant() {
   local recipe=$1 variant=$2 name=$3 run=$4 checkpoint=$5 teacher
   shift 5
   teacher=$(variants teacher "$recipe" 0 "$variant")
   if [ -n "$teacher" ]; then
     set -- "$@" --teacher-result "$WORK/results/$(basename "$(dirname "$teacher")").json"
+  fi
+  if [ -n "$(variants compress "$recipe" 0 "$variant")" ]; then
+    set -- "$@" --compress-log "$WORK/compressed/$variant.log"
+    if [ -f "$WORK/compressed/$variant.seconds" ]; then
+      set -- "$@" --compress-seconds "$(cat "$WORK/compressed/$variant.seconds")"
+    fi
   fi
   python3 "$HERE/record_result.py" --out "$WORK/results/$(seeded "$name").json" --corpus "$CORPUS" \
     --preset "$PRESET" --variant "$name" --checkpoint "$checkpoint" \

@@ -65,7 +65,29 @@ def teacher_of(teacher_result):
         teacher = json.load(f)
     score = {key: teacher[key] for key in ("test_ppl", "test_bleu") if key in teacher}
     return {"teacher": {"variant": teacher["variant"], **score, "updates": teacher["updates"],
-                        "train_seconds": teacher["train_seconds"]}}
+                        "train_seconds": teacher["train_seconds"],
+                        "embedding_softmax_params": teacher["embedding_softmax_params"]}}
+
+
+def compression_report(compress_log, seconds):
+    """What fairseq-rshare-compress reported for a run that started compressed: each table's
+    relative reconstruction error, and the validation perplexity of the teacher and of the
+    compressed model before any fine-tuning (when it was given the data); its wall time."""
+    if compress_log is None:
+        return {}
+    with open(compress_log) as f:
+        text = f.read()
+    errors = re.findall(r"^(.+?): V=\d+ .*; relative error ([\d.]+)$", text, re.MULTILINE)
+    if not errors:
+        fail(f"{compress_log} names no fitted table: did fairseq-rshare-compress finish? (see the log)")
+    report = {"relative_errors": {table: float(error) for table, error in errors}}
+    for model, key in (("dense", "teacher_valid_ppl"), ("compressed", "valid_ppl")):
+        found = re.findall(rf"validation \({model}, before fine-tuning\): .*perplexity ([\d.]+)", text)
+        if found:
+            report[key] = float(found[-1])
+    if seconds is not None:
+        report["seconds"] = seconds
+    return {"compressed": report}
 
 
 def perplexity(eval_log):
@@ -129,10 +151,12 @@ def main(argv=None):
     parser.add_argument("--sacrebleu-json", help="sacrebleu's JSON output (translation)")
     parser.add_argument("--stage", default="scratch", help="how the run started (recipes/variants.py's stage)")
     parser.add_argument("--teacher-result", help="the results JSON of the dense run it started from or distilled")
+    parser.add_argument("--compress-log", help="fairseq-rshare-compress's output, for a run that started compressed")
+    parser.add_argument("--compress-seconds", type=float, help="the compression's wall time")
     parser.add_argument("--vocabulary", required=True, help="what the vocabulary is, in words (recorded as given)")
     args = parser.parse_args(argv)
     for path in (args.checkpoint, args.train_log, args.command_file, args.eval_log,
-                 args.generate_log, args.sacrebleu_json, args.teacher_result):
+                 args.generate_log, args.sacrebleu_json, args.teacher_result, args.compress_log):
         if path is not None and not os.path.isfile(path):
             fail(f"{path} does not exist: did the step that writes it finish?")
 
@@ -161,6 +185,7 @@ def main(argv=None):
         "command": command,
         "stage": args.stage,
         **teacher_of(args.teacher_result),
+        **compression_report(args.compress_log, args.compress_seconds),
         "git_revision": git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),

@@ -1,9 +1,11 @@
-"""Turn the recipes' results JSONs into one markdown table and two figures.
+"""Turn the recipes' results JSONs into markdown tables and two figures.
 
 Runs are grouped by (corpus, preset). The runs of one variant with different seeds (the JSON's
 ``seed``, 1 when absent) are one point: their mean, with the lowest and highest as its spread.
 The table gives each point's embedding+softmax parameters as a fraction of dense's, and its
-metric's change from dense. The two figures answer one question each, one panel per group:
+metric's change from dense; a second table compares the runs that start from a trained dense
+model with that model, their teacher. The two figures answer one question each, one panel per
+group:
 
 - ``--compression-plot``: what compression costs, the metric against the embedding+softmax
   parameters;
@@ -112,6 +114,35 @@ def markdown(results):
                 f"| {point['params']['body']:,} | {total_params(point):,} | {point['checkpoint_bytes'] / 1e6:.1f} "
                 f"| {point['words_per_second']:,.0f} | {point['train_seconds'] / 60:.1f} |"
             )
+    return "\n".join(lines) + "\n" + teacher_markdown(results)
+
+
+def teacher_markdown(results):
+    """A second table for the runs that start from a trained dense model (their teacher): the
+    teacher's score and size beside theirs, the compressed model's validation perplexity before
+    fine-tuning, and the training time of each stage ("" when no run has a teacher)."""
+    students = [point for point in points(results) if "teacher" in point]
+    if not students:
+        return ""
+    lines = [
+        "\nRuns that start from a trained dense model, their teacher:\n",
+        "| corpus | preset | run | stage | teacher | teacher value | value | vs teacher | tables of teacher's "
+        "| valid ppl compressed (teacher) | teacher train min | own train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for point in sorted(students, key=lambda p: (p["corpus"], p["preset"], p["variant"])):
+        metric, teacher = metric_of(point), point["teacher"]
+        change = f"{point[metric] - teacher[metric]:+.2f}" if metric == "test_bleu" else \
+            f"{100 * (point[metric] / teacher[metric] - 1):+.1f} %"
+        compressed = point.get("compressed", {})
+        before = f"{compressed['valid_ppl']:.2f} ({compressed['teacher_valid_ppl']:.2f})" \
+            if "valid_ppl" in compressed else "–"
+        lines.append(
+            f"| {point['corpus']} | {point['preset']} | {point['variant']} | {point['stage']} | {teacher['variant']} "
+            f"| {teacher[metric]:.2f} | {value_text(point, metric)} | {change} "
+            f"| {100 * point['embedding_softmax_params'] / teacher['embedding_softmax_params']:.1f} % | {before} "
+            f"| {teacher['train_seconds'] / 60:.1f} | {point['train_seconds'] / 60:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

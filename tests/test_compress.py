@@ -18,6 +18,7 @@ from fairseq_rshare.mapping import fingerprint, learned_mapping_size, make_mappi
 from fairseq_rshare.modules import RandomSharedEmbedding
 from fairseq_rshare.modules.random_shared_embedding import fingerprint_parts
 from fairseq_rshare.tools import eval_lm_perplexity
+from recipes import record_result
 
 # One worker trains the module's shared models (xdist_group) once.
 pytestmark = pytest.mark.xdist_group("compress")
@@ -259,6 +260,23 @@ def test_eval_lm_gives_the_validation_perplexities_compress_reported(dense_lstm_
         result = fairseq("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--cpu", *STATEFUL,
                          "--path", checkpoint, "--gen-subset", "valid")
         assert eval_lm_perplexity(result.stdout + result.stderr) == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.slow
+def test_the_recipes_record_what_compress_reported(kmeans_lstm_lm, tmp_path):
+    path, report = kmeans_lstm_lm
+    log = tmp_path / "compress.log"
+    log.write_text(report)
+    recorded = record_result.compression_report(str(log), 12.0)["compressed"]
+    model, _ = load(path)
+    assert set(recorded["relative_errors"]) == {name for name, _ in tables_of(model)}
+    for name, error in recorded["relative_errors"].items():
+        assert re.search(rf"^{re.escape(name)}: V=.*relative error {error:.4f}$", report, re.MULTILINE)
+    assert [recorded["teacher_valid_ppl"], recorded["valid_ppl"]] == perplexities(report)
+    assert recorded["seconds"] == 12.0
+    log.write_text(report.replace("relative error", "error"))
+    with pytest.raises(SystemExit, match="names no fitted table"):
+        record_result.compression_report(str(log), None)
 
 
 @pytest.mark.slow

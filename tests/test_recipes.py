@@ -283,6 +283,23 @@ def test_seeds_of_a_variant_are_one_point_with_their_mean_and_spread():
         points([run("a", 2, 100.0), run("a", 2, 101.0)])
 
 
+def test_runs_from_a_teacher_get_a_table_beside_it():
+    def run(variant, ppl, tables, **extra):
+        return {"corpus": "ptb", "preset": "cpu", "variant": variant, "test_ppl": ppl, "stage": "scratch",
+                "params": {"input": tables, "output": 0, "body": 5}, "embedding_softmax_params": tables,
+                "words_per_second": 100.0, "train_seconds": 600.0, "checkpoint_bytes": 1e6, **extra}
+    teacher = {"variant": "dense-tied", "test_ppl": 100.0, "updates": 10, "train_seconds": 1200.0,
+               "embedding_softmax_params": 2000}
+    student = run("rshare-0.1-kmeans-tied", 103.0, 190, stage="k-means codes + fine-tune", teacher=teacher,
+                  compressed={"relative_errors": {"t": 0.5}, "valid_ppl": 150.0, "teacher_valid_ppl": 110.0})
+    assert results_table.teacher_markdown([run("dense", 90.0, 4000)]) == ""
+    table = results_table.markdown([run("dense", 90.0, 4000), student])
+    # 103 / 100 - 1 = +3.0 %; 190 / 2000 = 9.5 %; 1200 s and 600 s in minutes
+    assert ("| ptb | cpu | rshare-0.1-kmeans-tied | k-means codes + fine-tune | dense-tied | 100.00 | 103.00 "
+            "| +3.0 % | 9.5 % | 150.00 (110.00) | 20.0 | 10.0 |") in table
+    assert table.count("| dense |") == 1  # the teacher table lists the students only
+
+
 def test_record_result_reads_the_seed_and_the_validation_curve(tmp_path):
     log = tmp_path / "train.log"
     log.write_text(
@@ -357,7 +374,14 @@ def test_lm_recipe_compresses_its_teacher_and_distils_it(tmp_path):
     result = results[student]
     assert result["stage"] == "k-means codes + fine-tune + distillation"
     assert result["teacher"] == {"variant": "dense", "test_ppl": dense["test_ppl"], "updates": dense["updates"],
-                                 "train_seconds": dense["train_seconds"]}
+                                 "train_seconds": dense["train_seconds"],
+                                 "embedding_softmax_params": dense["embedding_softmax_params"]}
+    compressed = result["compressed"]
+    assert len(compressed["relative_errors"]) == 2 and all(0 < e < 1 for e in compressed["relative_errors"].values())
+    assert compressed["valid_ppl"] > 1 and compressed["teacher_valid_ppl"] > 1
+    assert compressed["seconds"] == int((work / "compressed" / f"{student}.seconds").read_text())
+    table = tabulate(work / "results", tmp_path)
+    assert f"| {student} | k-means codes + fine-tune + distillation | dense | {dense['test_ppl']:.2f} |" in table
     assert "--criterion rshare_distill" in result["command"] and "--finetune-from-model" in result["command"]
     log = (work / "compressed" / f"{student}.log").read_text()
     assert log.count("relative error") == 2  # both tables fitted
@@ -425,3 +449,21 @@ def test_budget_names_a_run_without_its_ratio_placeholder(lm_data):
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].endswith("--rshare rshare-0.1-bias: start it with rshare-R "
                                                    "(R stands for the ratio to find)")
+
+
+def test_budget_of_tables_fits_a_fraction_of_the_dense_tables_learned_codes_counted(lm_data):
+    model = ["--arch", "rshare_lstm_lm", "--decoder-layers", "2"]
+    words = len(open(lm_data / "dict.txt").readlines()) + 4
+    dense = budget.table_parameters(str(lm_data), model, "dense-h32", words)
+    assert dense == words * 32 + (words * 32 + words)  # embedding, output layer with its bias
+    result = subprocess.run([sys.executable, "-m", "recipes.budget", str(lm_data), "--dense", "dense-h32",
+                             "--rshare", "rshare-R-bias-kmeans-h32", "--tables", "0.1", "--", *model],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    name = result.stdout.split("\t")[0]
+    step = round(float(name.split("-")[1]) * budget.GRID)
+    fitting = budget.table_parameters(str(lm_data), model, name, words)
+    larger = budget.table_parameters(str(lm_data), model, budget.ratio_name("rshare-R-bias-kmeans-h32", step + 1), words)
+    assert fitting <= 0.1 * dense < larger
+    # the stored codes count: the same ratio with the regenerated mapping has fewer
+    assert budget.table_parameters(str(lm_data), model, name.replace("-kmeans", ""), words) < fitting
