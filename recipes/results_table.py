@@ -1,17 +1,18 @@
-"""Turn the recipes' results JSONs into markdown tables and two figures.
+"""Turn the recipes' results JSONs into markdown tables and figures.
 
 Runs are grouped by (corpus, preset). The runs of one variant with different seeds (the JSON's
 ``seed``, 1 when absent) are one point: their mean, with the lowest and highest as its spread.
 The table gives each point's embedding+softmax parameters as a fraction of dense's, and its
 metric's change from dense; a second table compares the runs that start from a trained dense
-model with that model, their teacher. The two figures answer one question each, one panel per
-group:
+model with that model, their teacher. Each figure answers one question, one panel per group:
 
 - ``--compression-plot``: what compression costs, the metric against the embedding+softmax
   parameters;
-- ``--budget-plot``: what wins at a budget, the metric against all parameters.
+- ``--budget-plot``: what wins at a budget, the metric against all parameters;
+- ``--curves-plot`` (optional): had the runs converged? The validation curves of the runs best
+  at each budget, among those whose JSON kept one.
 
-In each panel a line joins the dense points, and another the rshare points, that beat every
+In the first two, a line joins the dense points, and another the rshare points, that beat every
 point of their kind with no more parameters (the best model of each kind at each budget); only
 those points are labelled. Error bars are the seed spread.
 """
@@ -196,6 +197,53 @@ def plot(results, path, params_of, xlabel):
     plt.close(figure)
 
 
+def curve_runs(results):
+    """Per (corpus, preset) group: the runs whose validation curves a reader compares, those of
+    the variants best at their budget (all parameters, dense and rshare apart) among the
+    variants whose runs recorded a curve; every seed's run."""
+    with_curves = [result for result in results if len(result.get("valid_curve", [])) > 1]
+    chosen = {}
+    for key, group in groups(points(with_curves)).items():
+        metric = metric_of(group[0])
+        best = set()
+        for dense in (True, False):
+            kind = [point for point in group if point["variant"].startswith("dense") == dense]
+            best.update(point["variant"] for point in best_at_budget(kind, total_params, metric))
+        chosen[key] = sorted((run for run in with_curves if (run["corpus"], run["preset"]) == key
+                              and run["variant"] in best), key=lambda run: (total_params(run), run["variant"]))
+    return chosen
+
+
+def curves_plot(results, path):
+    """Validation perplexity against updates of `curve_runs`, one panel per group: whether each
+    run had converged when its schedule ended, pair by pair at the same update."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = curve_runs(results)
+    if not chosen:
+        sys.exit("results_table: error: no run has a validation curve (results recorded before the "
+                 "JSON kept one): leave out --curves-plot")
+    figure, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4.4), squeeze=False)
+    for axis, ((corpus, preset), runs) in zip(axes[0], chosen.items()):
+        variants = list(dict.fromkeys(run["variant"] for run in runs))
+        for run in runs:
+            index = variants.index(run["variant"])
+            updates, perplexities = zip(*run["valid_curve"])
+            first_seed = run is next(r for r in runs if r["variant"] == run["variant"])
+            axis.plot(updates, perplexities, "--" if run["variant"].startswith("dense") else "-",
+                      color=f"C{index % 10}", linewidth=1.2, label=run["variant"] if first_seed else None)
+        axis.set_yscale("log")
+        axis.set_xlabel("updates")
+        axis.set_ylabel("validation perplexity")
+        axis.set_title(f"{corpus} ({preset} preset): best at each budget")
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="results JSON files or folders holding them")
@@ -203,6 +251,8 @@ def main(argv=None):
     parser.add_argument("--compression-plot", default="compression.png",
                         help="PNG: the metric against embedding+softmax parameters")
     parser.add_argument("--budget-plot", default="budget.png", help="PNG: the metric against all parameters")
+    parser.add_argument("--curves-plot", help="PNG: the validation curves of the runs best at each budget "
+                        "(among those that recorded one)")
     args = parser.parse_args(argv)
     results = load(args.results)
     table = markdown(results)
@@ -210,8 +260,11 @@ def main(argv=None):
         f.write(table)
     plot(results, args.compression_plot, lambda p: p["embedding_softmax_params"], "embedding + softmax parameters")
     plot(results, args.budget_plot, total_params, "all parameters")
+    if args.curves_plot:
+        curves_plot(results, args.curves_plot)
     print(table)
-    print(f"wrote {args.markdown}, {args.compression_plot} and {args.budget_plot}")
+    written = [args.markdown, args.compression_plot, args.budget_plot] + ([args.curves_plot] if args.curves_plot else [])
+    print(f"wrote {', '.join(written[:-1])} and {written[-1]}")
 
 
 if __name__ == "__main__":

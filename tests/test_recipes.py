@@ -467,3 +467,32 @@ def test_budget_of_tables_fits_a_fraction_of_the_dense_tables_learned_codes_coun
     assert fitting <= 0.1 * dense < larger
     # the stored codes count: the same ratio with the regenerated mapping has fewer
     assert budget.table_parameters(str(lm_data), model, name.replace("-kmeans", ""), words) < fitting
+
+
+def test_curves_are_those_of_the_runs_best_at_each_budget_that_kept_one(tmp_path):
+    def run(variant, ppl, total, seed=1, curve=((100, 300.0), (200, 200.0))):
+        return {"corpus": "ptb", "preset": "cpu", "variant": variant, "seed": seed, "test_ppl": ppl,
+                "params": {"input": total - 5, "output": 0, "body": 5}, "embedding_softmax_params": total - 5,
+                "words_per_second": 1.0, "train_seconds": 1.0, "checkpoint_bytes": 1, "stage": "scratch",
+                "valid_curve": [list(point) for point in curve]}
+    results = [run("dense-h100", 120.0, 100), run("dense-h200", 110.0, 200), run("dense-h150", 125.0, 150),
+               run("rshare-0.5", 115.0, 90), run("rshare-0.5", 116.0, 90, seed=2),
+               run("rshare-0.9-h300", 100.0, 300), run("rshare-0.1", 90.0, 50, curve=())]
+    chosen = results_table.curve_runs(results)
+    # dense-h150 loses to the smaller dense-h100; rshare-0.1 kept no curve; both seeds of rshare-0.5
+    assert [(r["variant"], r["seed"]) for r in chosen["ptb", "cpu"]] == [
+        ("rshare-0.5", 1), ("rshare-0.5", 2), ("dense-h100", 1), ("dense-h200", 1), ("rshare-0.9-h300", 1)]
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for index, result in enumerate(results):
+        (folder / f"{index}.json").write_text(json.dumps(result))
+    assert python_script("results_table.py", folder, "--markdown", tmp_path / "r.md", "--compression-plot",
+                         tmp_path / "c.png", "--budget-plot", tmp_path / "b.png", "--curves-plot",
+                         tmp_path / "v.png").returncode == 0
+    assert (tmp_path / "v.png").stat().st_size > 1000
+    (folder / "7.json").write_text(json.dumps(run("dense", 100.0, 10, curve=())))
+    for index in range(6):
+        (folder / f"{index}.json").unlink()
+    failed = python_script("results_table.py", folder, "--markdown", tmp_path / "r.md", "--compression-plot",
+                           tmp_path / "c.png", "--budget-plot", tmp_path / "b.png", "--curves-plot", tmp_path / "w.png")
+    assert failed.returncode == 1 and failed.stderr.strip().endswith("leave out --curves-plot")
