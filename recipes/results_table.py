@@ -1,7 +1,8 @@
 """Turn the recipes' results JSONs into markdown tables and figures.
 
-Runs are grouped by (corpus, preset). The runs of one variant with different seeds (the JSON's
-``seed``, 1 when absent) are one point: their mean, with the lowest and highest as its spread.
+Runs are grouped by (corpus, preset, schedule: the command's --max-epoch or --max-update). The
+runs of one variant with different seeds (the JSON's ``seed``, 1 when absent) are one point:
+their mean, with the lowest and highest as its spread.
 The table gives each point's embedding+softmax parameters as a fraction of dense's, and its
 metric's change from dense; a second table compares the runs that start from a trained dense
 model with that model, their teacher. Each figure answers one question, one panel per group:
@@ -20,6 +21,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -54,14 +56,23 @@ def total_params(run):
     return sum(run["params"].values())
 
 
+def schedule(result):
+    """How long the run's command trains: its last --max-epoch, else its last --max-update."""
+    for flag, unit in (("--max-epoch", "epochs"), ("--max-update", "updates")):
+        found = re.findall(rf"{flag}[ =](\d+)", result.get("command", ""))
+        if found:
+            return f"{found[-1]} {unit}"
+    return "no limit"
+
+
 def points(results):
-    """One point per (corpus, preset, variant): the seeds' runs, their mean and spread."""
+    """One point per (corpus, preset, schedule, variant): the seeds' runs, their mean and spread."""
     by_variant = {}
     for result in results:
-        key = (result["corpus"], result["preset"], result["variant"])
+        key = (result["corpus"], result["preset"], schedule(result), result["variant"])
         by_variant.setdefault(key, []).append(result)
     merged = []
-    for (corpus, preset, variant), runs in by_variant.items():
+    for (corpus, preset, trained, variant), runs in by_variant.items():
         metric = metric_of(runs[0])
         seeds = sorted(run.get("seed", 1) for run in runs)
         if len(set(seeds)) != len(seeds):
@@ -71,7 +82,7 @@ def points(results):
             sys.exit(f"results_table: error: the seeds of {corpus} {preset} {variant} differ in parameters")
         values = [run[metric] for run in runs]
         merged.append({
-            **runs[0], "seeds": seeds, metric: statistics.mean(values),
+            **runs[0], "schedule": trained, "seeds": seeds, metric: statistics.mean(values),
             "low": min(values), "high": max(values),
             "words_per_second": statistics.mean(run["words_per_second"] for run in runs),
             "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
@@ -79,12 +90,14 @@ def points(results):
     return merged
 
 
-def groups(merged):
+def groups(merged, by_schedule=True):
+    """The points by (corpus, preset, schedule), or by (corpus, preset) without `by_schedule`."""
     grouped = {}
     for point in merged:
-        grouped.setdefault((point["corpus"], point["preset"]), []).append(point)
+        key = (point["corpus"], point["preset"]) + ((point["schedule"],) if by_schedule else ())
+        grouped.setdefault(key, []).append(point)
     for group in grouped.values():
-        group.sort(key=lambda p: (p["variant"] != "dense", -p["embedding_softmax_params"], p["variant"]))
+        group.sort(key=lambda p: (p["variant"] != "dense", p["schedule"], -p["embedding_softmax_params"], p["variant"]))
     return grouped
 
 
@@ -96,13 +109,15 @@ def value_text(point, metric):
 
 def markdown(results):
     lines = [
-        "| corpus | preset | run | metric | value | vs dense | emb+softmax params | of dense "
+        "| corpus | preset | schedule | run | metric | value | vs dense | emb+softmax params | of dense "
         "| other params | total params | checkpoint MB | train words/s | train min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (corpus, preset), group in groups(points(results)).items():
-        dense = next((p for p in group if p["variant"] == "dense"), None)
+    for (corpus, preset), group in groups(points(results), by_schedule=False).items():
         for point in group:
+            # dense under the same schedule where there is one, else under another (both are shown)
+            dense = min((p for p in group if p["variant"] == "dense"), default=None,
+                        key=lambda p: p["schedule"] != point["schedule"])
             metric = metric_of(point)
             change = fraction = "–"
             if dense is not None and metric in dense:
@@ -110,7 +125,8 @@ def markdown(results):
                     f"{100 * (point[metric] / dense[metric] - 1):+.1f} %"
                 fraction = f"{100 * point['embedding_softmax_params'] / dense['embedding_softmax_params']:.1f} %"
             lines.append(
-                f"| {corpus} | {preset} | {point['variant']} | {METRICS[metric]} | {value_text(point, metric)} "
+                f"| {corpus} | {preset} | {point['schedule']} | {point['variant']} | {METRICS[metric]} "
+                f"| {value_text(point, metric)} "
                 f"| {change} | {point['embedding_softmax_params']:,} | {fraction} "
                 f"| {point['params']['body']:,} | {total_params(point):,} | {point['checkpoint_bytes'] / 1e6:.1f} "
                 f"| {point['words_per_second']:,.0f} | {point['train_seconds'] / 60:.1f} |"
@@ -127,9 +143,9 @@ def teacher_markdown(results):
         return ""
     lines = [
         "\nRuns that start from a trained dense model, their teacher:\n",
-        "| corpus | preset | run | stage | teacher | teacher value | value | vs teacher | tables of teacher's "
-        "| valid ppl compressed (teacher) | teacher train min | own train min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| corpus | preset | schedule | run | stage | teacher | teacher value | value | vs teacher "
+        "| tables of teacher's | valid ppl compressed (teacher) | teacher train min | own train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point in sorted(students, key=lambda p: (p["corpus"], p["preset"], p["variant"])):
         metric, teacher = metric_of(point), point["teacher"]
@@ -139,7 +155,8 @@ def teacher_markdown(results):
         before = f"{compressed['valid_ppl']:.2f} ({compressed['teacher_valid_ppl']:.2f})" \
             if "valid_ppl" in compressed else "–"
         lines.append(
-            f"| {point['corpus']} | {point['preset']} | {point['variant']} | {point['stage']} | {teacher['variant']} "
+            f"| {point['corpus']} | {point['preset']} | {point['schedule']} | {point['variant']} | {point['stage']} "
+            f"| {teacher['variant']} "
             f"| {teacher[metric]:.2f} | {value_text(point, metric)} | {change} "
             f"| {100 * point['embedding_softmax_params'] / teacher['embedding_softmax_params']:.1f} % | {before} "
             f"| {teacher['train_seconds'] / 60:.1f} | {point['train_seconds'] / 60:.1f} |"
@@ -165,7 +182,7 @@ def plot(results, path, params_of, xlabel):
 
     grouped = groups(points(results))
     figure, axes = plt.subplots(1, len(grouped), figsize=(5 * len(grouped), 4.4), squeeze=False)
-    for axis, ((corpus, preset), group) in zip(axes[0], grouped.items()):
+    for axis, ((corpus, preset, trained), group) in zip(axes[0], grouped.items()):
         metric = metric_of(group[0])
         for dense, color, marker, label in ((True, "black", "s", "dense"), (False, "tab:blue", "o", "rshare")):
             kind = [point for point in group if point["variant"].startswith("dense") == dense]
@@ -189,7 +206,7 @@ def plot(results, path, params_of, xlabel):
         axis.tick_params(axis="x", labelsize=7, labelrotation=30)
         axis.set_xlabel(xlabel)
         axis.set_ylabel(METRICS[metric] + (" (higher is better)" if metric == "test_bleu" else " (lower is better)"))
-        axis.set_title(f"{corpus} ({preset} preset)")
+        axis.set_title(f"{corpus} ({preset} preset, {trained})")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
@@ -209,7 +226,7 @@ def curve_runs(results):
         for dense in (True, False):
             kind = [point for point in group if point["variant"].startswith("dense") == dense]
             best.update(point["variant"] for point in best_at_budget(kind, total_params, metric))
-        chosen[key] = sorted((run for run in with_curves if (run["corpus"], run["preset"]) == key
+        chosen[key] = sorted((run for run in with_curves if (run["corpus"], run["preset"], schedule(run)) == key
                               and run["variant"] in best), key=lambda run: (total_params(run), run["variant"]))
     return chosen
 
@@ -225,7 +242,7 @@ def curves_plot(results, path):
         sys.exit("results_table: error: no run has a validation curve (results recorded before the "
                  "JSON kept one): leave out --curves-plot")
     figure, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4.4), squeeze=False)
-    for axis, ((corpus, preset), runs) in zip(axes[0], chosen.items()):
+    for axis, ((corpus, preset, trained), runs) in zip(axes[0], chosen.items()):
         variants = list(dict.fromkeys(run["variant"] for run in runs))
         for run in runs:
             index = variants.index(run["variant"])
@@ -236,7 +253,7 @@ def curves_plot(results, path):
         axis.set_yscale("log")
         axis.set_xlabel("updates")
         axis.set_ylabel("validation perplexity")
-        axis.set_title(f"{corpus} ({preset} preset): best at each budget")
+        axis.set_title(f"{corpus} ({preset} preset, {trained}): best at each budget", fontsize=10)
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=7)
     figure.tight_layout()

@@ -283,6 +283,25 @@ def test_seeds_of_a_variant_are_one_point_with_their_mean_and_spread():
         points([run("a", 2, 100.0), run("a", 2, 101.0)])
 
 
+def test_runs_of_another_schedule_are_other_points_and_panels():
+    def run(variant, command, ppl):
+        return {"corpus": "ptb", "preset": "cpu", "variant": variant, "test_ppl": ppl, "command": command,
+                "params": {"input": 10, "output": 10, "body": 5}, "embedding_softmax_params": 20,
+                "words_per_second": 1.0, "train_seconds": 60.0, "checkpoint_bytes": 1}
+    nine = "fairseq-train d --max-epoch 13 --max-epoch 9"  # EXTRA's later flag wins
+    results = [run("dense", nine, 100.0), run("dense", "fairseq-train d --max-epoch 13", 110.0),
+               run("rshare-0.1", nine, 105.0), run("rshare-0.2", "fairseq-train d --max-update 50", 90.0)]
+    merged = results_table.points(results)
+    assert sorted((p["variant"], p["schedule"]) for p in merged) == [
+        ("dense", "13 epochs"), ("dense", "9 epochs"), ("rshare-0.1", "9 epochs"), ("rshare-0.2", "50 updates")]
+    assert set(results_table.groups(merged)) == {("ptb", "cpu", "13 epochs"), ("ptb", "cpu", "9 epochs"),
+                                                 ("ptb", "cpu", "50 updates")}
+    table = results_table.markdown(results)
+    assert "| ptb | cpu | 9 epochs | rshare-0.1 | test ppl | 105.00 | +5.0 % |" in table  # against the 9-epoch dense
+    assert "| ptb | cpu | 50 updates | rshare-0.2 | test ppl | 90.00 | -" in table  # against a dense of another schedule
+    assert results_table.schedule({"command": "fairseq-train d"}) == "no limit"
+
+
 def test_runs_from_a_teacher_get_a_table_beside_it():
     def run(variant, ppl, tables, **extra):
         return {"corpus": "ptb", "preset": "cpu", "variant": variant, "test_ppl": ppl, "stage": "scratch",
@@ -295,7 +314,7 @@ def test_runs_from_a_teacher_get_a_table_beside_it():
     assert results_table.teacher_markdown([run("dense", 90.0, 4000)]) == ""
     table = results_table.markdown([run("dense", 90.0, 4000), student])
     # 103 / 100 - 1 = +3.0 %; 190 / 2000 = 9.5 %; 1200 s and 600 s in minutes
-    assert ("| ptb | cpu | rshare-0.1-kmeans-tied | k-means codes + fine-tune | dense-tied | 100.00 | 103.00 "
+    assert ("| ptb | cpu | no limit | rshare-0.1-kmeans-tied | k-means codes + fine-tune | dense-tied | 100.00 | 103.00 "
             "| +3.0 % | 9.5 % | 150.00 (110.00) | 20.0 | 10.0 |") in table
     assert table.count("| dense |") == 1  # the teacher table lists the students only
 
@@ -357,7 +376,7 @@ def test_lm_recipe_end_to_end_shortened(tmp_path, corpus):
     # the device follows the machine: --cpu exactly where torch sees no GPU
     assert (" --cpu " in rshare["command"]) == (not torch.cuda.is_available())
     table = tabulate(tmp_path / "work/results", tmp_path)
-    assert f"| {corpus} | smoke | {variants[1]} | test ppl | {rshare['test_ppl']:.2f} |" in table
+    assert f"| {corpus} | smoke | 100 updates | {variants[1]} | test ppl | {rshare['test_ppl']:.2f} |" in table
 
 
 @pytest.mark.slow
@@ -381,7 +400,7 @@ def test_lm_recipe_compresses_its_teacher_and_distils_it(tmp_path):
     assert compressed["valid_ppl"] > 1 and compressed["teacher_valid_ppl"] > 1
     assert compressed["seconds"] == int((work / "compressed" / f"{student}.seconds").read_text())
     table = tabulate(work / "results", tmp_path)
-    assert f"| {student} | k-means codes + fine-tune + distillation | dense | {dense['test_ppl']:.2f} |" in table
+    assert f"| 100 updates | {student} | k-means codes + fine-tune + distillation | dense | {dense['test_ppl']:.2f} |" in table
     assert "--criterion rshare_distill" in result["command"] and "--finetune-from-model" in result["command"]
     log = (work / "compressed" / f"{student}.log").read_text()
     assert log.count("relative error") == 2  # both tables fitted
@@ -480,7 +499,7 @@ def test_curves_are_those_of_the_runs_best_at_each_budget_that_kept_one(tmp_path
                run("rshare-0.9-h300", 100.0, 300), run("rshare-0.1", 90.0, 50, curve=())]
     chosen = results_table.curve_runs(results)
     # dense-h150 loses to the smaller dense-h100; rshare-0.1 kept no curve; both seeds of rshare-0.5
-    assert [(r["variant"], r["seed"]) for r in chosen["ptb", "cpu"]] == [
+    assert [(r["variant"], r["seed"]) for r in chosen["ptb", "cpu", "no limit"]] == [
         ("rshare-0.5", 1), ("rshare-0.5", 2), ("dense-h100", 1), ("dense-h200", 1), ("rshare-0.9-h300", 1)]
     folder = tmp_path / "results"
     folder.mkdir()
