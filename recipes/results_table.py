@@ -215,7 +215,7 @@ def plot(results, path, params_of, xlabel):
 
 
 def curve_runs(results):
-    """Per (corpus, preset) group: the runs whose validation curves a reader compares, those of
+    """Per (corpus, preset, schedule): the runs whose validation curves a reader compares, those of
     the variants best at their budget (all parameters, dense and rshare apart) among the
     variants whose runs recorded a curve; every seed's run."""
     with_curves = [result for result in results if len(result.get("valid_curve", [])) > 1]
@@ -231,16 +231,12 @@ def curve_runs(results):
     return chosen
 
 
-def curves_plot(results, path):
-    """Validation perplexity against updates of `curve_runs`, one panel per group: whether each
-    run had converged when its schedule ended, pair by pair at the same update."""
+def curves_plot(chosen, path):
+    """Validation perplexity against updates of the runs `curve_runs` chose, one panel per group:
+    whether each run had converged when its schedule ended, pair by pair at the same update."""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = curve_runs(results)
-    if not chosen:
-        sys.exit("results_table: error: no run has a validation curve (results recorded before the "
-                 "JSON kept one): leave out --curves-plot")
     figure, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4.4), squeeze=False)
     for axis, ((corpus, preset, trained), runs) in zip(axes[0], chosen.items()):
         variants = list(dict.fromkeys(run["variant"] for run in runs))
@@ -272,13 +268,17 @@ def main(argv=None):
                         "(among those that recorded one)")
     args = parser.parse_args(argv)
     results = load(args.results)
+    curves = curve_runs(results)
+    if args.curves_plot and not curves:
+        sys.exit("results_table: error: no run has a validation curve (results recorded before the "
+                 "JSON kept one): leave out --curves-plot")
     table = markdown(results)
     with open(args.markdown, "w") as f:
         f.write(table)
     plot(results, args.compression_plot, lambda p: p["embedding_softmax_params"], "embedding + softmax parameters")
     plot(results, args.budget_plot, total_params, "all parameters")
     if args.curves_plot:
-        curves_plot(results, args.curves_plot)
+        curves_plot(curves, args.curves_plot)
     print(table)
     written = [args.markdown, args.compression_plot, args.budget_plot] + ([args.curves_plot] if args.curves_plot else [])
     print(f"wrote {', '.join(written[:-1])} and {written[-1]}")

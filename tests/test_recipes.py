@@ -512,6 +512,8 @@ def test_curves_are_those_of_the_runs_best_at_each_budget_that_kept_one(tmp_path
     (folder / "7.json").write_text(json.dumps(run("dense", 100.0, 10, curve=())))
     for index in range(6):
         (folder / f"{index}.json").unlink()
-    failed = python_script("results_table.py", folder, "--markdown", tmp_path / "r.md", "--compression-plot",
-                           tmp_path / "c.png", "--budget-plot", tmp_path / "b.png", "--curves-plot", tmp_path / "w.png")
+    refused = [tmp_path / name for name in ("r2.md", "c2.png", "b2.png", "v2.png")]
+    failed = python_script("results_table.py", folder, "--markdown", refused[0], "--compression-plot", refused[1],
+                           "--budget-plot", refused[2], "--curves-plot", refused[3])
     assert failed.returncode == 1 and failed.stderr.strip().endswith("leave out --curves-plot")
+    assert not any(path.exists() for path in refused)  # refused before writing anything
