@@ -240,12 +240,14 @@ def curves_plot(chosen, path):
     figure, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4.4), squeeze=False)
     for axis, ((corpus, preset, trained), runs) in zip(axes[0], chosen.items()):
         variants = list(dict.fromkeys(run["variant"] for run in runs))
+        labelled = set()
         for run in runs:
-            index = variants.index(run["variant"])
+            variant = run["variant"]
             updates, perplexities = zip(*run["valid_curve"])
-            first_seed = run is next(r for r in runs if r["variant"] == run["variant"])
-            axis.plot(updates, perplexities, "--" if run["variant"].startswith("dense") else "-",
-                      color=f"C{index % 10}", linewidth=1.2, label=run["variant"] if first_seed else None)
+            axis.plot(updates, perplexities, "--" if variant.startswith("dense") else "-",
+                      color=f"C{variants.index(variant) % 10}", linewidth=1.2,
+                      label=None if variant in labelled else variant)  # one legend entry for all seeds
+            labelled.add(variant)
         axis.set_yscale("log")
         axis.set_xlabel("updates")
         axis.set_ylabel("validation perplexity")
