@@ -150,7 +150,8 @@ def balanced_assignment(points, centroids):
         choice, distance = nearest_centroids(points[unplaced], centroids, excluded=counts >= capacity)
         proposals = torch.bincount(choice, minlength=C)
         if extra and at_ceiling < extra:
-            reaching = ((capacity == floor + 1) & (counts + proposals >= floor + 1)).nonzero().flatten()
+            filling = (counts <= floor) & (counts + proposals >= floor + 1)  # not those already full
+            reaching = ((capacity == floor + 1) & filling).nonzero().flatten()
             capacity[reaching[extra - at_ceiling:]] = floor
         order = distance.argsort(stable=True)
         order = order[choice[order].argsort(stable=True)]  # by centroid, nearest first

@@ -12,7 +12,8 @@ from fairseq import checkpoint_utils
 
 from conftest import USER_DIR, fairseq, tiny_lm
 from fairseq_rshare.checkpoints import FAIRSEQ_GLOBALS
-from fairseq_rshare.compress import fit_pool, kmeans, learned_mapping, reconstruct, relative_error
+import fairseq_rshare.compress as compression
+from fairseq_rshare.compress import balanced_assignment, fit_pool, kmeans, learned_mapping, reconstruct, relative_error
 from fairseq_rshare.errors import RShareConfigError
 from fairseq_rshare.mapping import fingerprint, learned_mapping_size, make_mapping
 from fairseq_rshare.modules import RandomSharedEmbedding
@@ -95,6 +96,26 @@ def test_balanced_kmeans_gives_every_cluster_floor_or_ceil_of_the_points(sizes):
     assert sorted(counts.tolist()) == [floor] * (40 - extra) + [floor + 1] * extra
     if len(sizes) > 1:  # where k-means alone is far from balanced
         assert torch.bincount(kmeans(points, 40, seed=0)[1], minlength=40).max() > 2 * (floor + 1)
+
+
+@pytest.mark.parametrize("points, clusters, seed", [(500, 40, 2), (10000, 720, 0)], ids=["small", "ptb-sized"])
+def test_balanced_assignment_ends_with_floor_or_ceil_of_the_points(points, clusters, seed, monkeypatch):
+    """Random centroids: the shape where centroids already full were once capped again, so no
+    centroid had room for the last points and the rounds never ended."""
+    generator = torch.Generator().manual_seed(seed)
+    points, centroids = torch.randn(points, 4, generator=generator), torch.randn(clusters, 4, generator=generator)
+    rounds = []
+    nearest = compression.nearest_centroids
+
+    def one_round(*args, **kwargs):  # each round places a point, so len(points) rounds are enough
+        rounds.append(1)
+        assert len(rounds) <= len(points), "balanced_assignment stopped placing points"
+        return nearest(*args, **kwargs)
+
+    monkeypatch.setattr(compression, "nearest_centroids", one_round)
+    counts = torch.bincount(balanced_assignment(points, centroids), minlength=clusters)
+    floor, extra = divmod(len(points), clusters)
+    assert sorted(counts.tolist()) == [floor] * (clusters - extra) + [floor + 1] * extra
 
 
 def test_learned_mapping_size_counts_the_bits_of_a_slot():
