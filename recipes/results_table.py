@@ -164,6 +164,14 @@ def teacher_markdown(results):
     return "\n".join(lines) + "\n"
 
 
+def by_kind(group):
+    """(True, the dense runs), then (False, the rshare runs) of a group, each only where it has runs."""
+    for dense in (True, False):
+        kind = [point for point in group if point["variant"].startswith("dense") == dense]
+        if kind:
+            yield dense, kind
+
+
 def best_at_budget(runs, params_of, metric):
     """The runs better than every run with no more parameters, by parameters; a tie in parameters
     keeps the better run."""
@@ -184,10 +192,8 @@ def plot(results, path, params_of, xlabel):
     figure, axes = plt.subplots(1, len(grouped), figsize=(5 * len(grouped), 4.4), squeeze=False)
     for axis, ((corpus, preset, trained), group) in zip(axes[0], grouped.items()):
         metric = metric_of(group[0])
-        for dense, color, marker, label in ((True, "black", "s", "dense"), (False, "tab:blue", "o", "rshare")):
-            kind = [point for point in group if point["variant"].startswith("dense") == dense]
-            if not kind:
-                continue
+        for dense, kind in by_kind(group):
+            color, marker, label = ("black", "s", "dense") if dense else ("tab:blue", "o", "rshare")
             x = [params_of(point) for point in kind]
             y = [point[metric] for point in kind]
             spread = [[point[metric] - point["low"] for point in kind], [point["high"] - point[metric] for point in kind]]
@@ -222,10 +228,7 @@ def curve_runs(results):
     chosen = {}
     for key, group in groups(points(with_curves)).items():
         metric = metric_of(group[0])
-        best = set()
-        for dense in (True, False):
-            kind = [point for point in group if point["variant"].startswith("dense") == dense]
-            best.update(point["variant"] for point in best_at_budget(kind, total_params, metric))
+        best = {point["variant"] for _, kind in by_kind(group) for point in best_at_budget(kind, total_params, metric)}
         chosen[key] = sorted((run for run in with_curves if (run["corpus"], run["preset"], schedule(run)) == key
                               and run["variant"] in best), key=lambda run: (total_params(run), run["variant"]))
     return chosen
