@@ -6,6 +6,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
 )
 
 from ..modules import RandomSharedOutput
@@ -26,12 +27,16 @@ class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     announced = frozenset()  # the paths the loss has taken, each logged once
 
     def compute_loss(self, model, net_output, sample, reduce=True):
-        """The parent's loss from log-probabilities; without label smoothing, the NLL alone:
-        the parent's smoothing term, weighted 0, would still cost a tokens x V pass forward
-        and backward."""
-        if self.eps or not reduce:
+        if not reduce:
             return super().compute_loss(model, net_output, sample, reduce)
-        lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
+        return self.loss_of_lprobs(*self.get_lprobs_and_target(model, net_output, sample))
+
+    def loss_of_lprobs(self, lprobs, target):
+        """(loss, nll_loss), each summed over the tokens, of flat tokens x V log-probabilities;
+        without label smoothing, the NLL alone: the parent's smoothing term, weighted 0, would
+        still cost a tokens x V pass forward and backward."""
+        if self.eps:
+            return label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=True)
         nll_loss = F.nll_loss(lprobs, target, ignore_index=self.padding_idx, reduction="sum")
         return nll_loss, nll_loss
 

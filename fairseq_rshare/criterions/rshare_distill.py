@@ -35,12 +35,14 @@ class RShareDistillConfig(LabelSmoothedCrossEntropyCriterionConfig):
 
 
 def distillation_kl(student_lprobs, teacher_lprobs, temperature):
-    """sum over tokens (rows) of KL(softmax(teacher / T) || softmax(student / T)).  Logits or
-    log-probabilities alike: softmax ignores a shift of a row, so log-probabilities (what
-    fairseq models return) give the same distributions as the logits they came from."""
-    student = F.log_softmax(student_lprobs / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_lprobs.to(student.dtype) / temperature, dim=-1)
-    return F.kl_div(student, teacher, reduction="sum", log_target=True)
+    """sum over tokens (rows) of KL(softmax(teacher / T) || softmax(student / T)), from the
+    models' log-probabilities.  At T = 1 those are the distributions; otherwise softmax(lprobs / T)
+    equals softmax(logits / T), since a shift of a row does not change its softmax."""
+    teacher_lprobs = teacher_lprobs.to(student_lprobs.dtype)
+    if temperature != 1:
+        student_lprobs = F.log_softmax(student_lprobs / temperature, dim=-1)
+        teacher_lprobs = F.log_softmax(teacher_lprobs / temperature, dim=-1)
+    return F.kl_div(student_lprobs, teacher_lprobs, reduction="sum", log_target=True)
 
 
 def load_teacher(path, task):
@@ -129,8 +131,8 @@ class RShareDistillCriterion(RShareCrossEntropyCriterion):
         if not (model.training and self.distill_weight and reduce):
             return super().forward(model, sample, reduce)
         net_output = model(**sample["net_input"])
-        cross_entropy, nll_loss = self.compute_loss(model, net_output, sample)
         student_lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
+        cross_entropy, nll_loss = self.loss_of_lprobs(student_lprobs, target)  # one tokens x V pass for both
         scored = target.ne(self.padding_idx)
         kl = distillation_kl(student_lprobs[scored], self.teacher_lprobs(model, sample)[scored],
                              self.distill_temperature)
