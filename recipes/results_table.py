@@ -137,14 +137,16 @@ def markdown(results):
 def teacher_markdown(results):
     """A second table for the runs that start from a trained dense model (their teacher): the
     teacher's score and size beside theirs, the compressed model's validation perplexity before
-    fine-tuning, and the training time of each stage ("" when no run has a teacher)."""
+    fine-tuning, and the updates of each stage ("" when no run has a teacher). Updates, not minutes:
+    a run resumed across stops, on shared cores, has no meaningful wall time, and an update's cost
+    per stage is benchmarks/bench_stages.py's."""
     students = [point for point in points(results) if "teacher" in point]
     if not students:
         return ""
     lines = [
         "\nRuns that start from a trained dense model, their teacher:\n",
         "| corpus | preset | schedule | run | stage | teacher | teacher value | value | vs teacher "
-        "| tables of teacher's | valid ppl compressed (teacher) | teacher train min | own train min |",
+        "| tables of teacher's | valid ppl compressed (teacher) | teacher updates | own updates |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point in sorted(students, key=lambda p: (p["corpus"], p["preset"], p["variant"])):
@@ -159,7 +161,7 @@ def teacher_markdown(results):
             f"| {teacher['variant']} "
             f"| {teacher[metric]:.2f} | {value_text(point, metric)} | {change} "
             f"| {100 * point['embedding_softmax_params'] / teacher['embedding_softmax_params']:.1f} % | {before} "
-            f"| {teacher['train_seconds'] / 60:.1f} | {point['train_seconds'] / 60:.1f} |"
+            f"| {teacher['updates']:,} | {point['updates']:,} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, shared_corpus
 
 pytestmark = pytest.mark.slow
 
 
 def test_every_benchmark_runs_from_one_command_in_smoke_mode(tmp_path):
+    shared_corpus("ptb")  # the stages benchmark trains on it
     subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "run_all.py"), "--smoke",
                     "--out", str(tmp_path)], check=True, capture_output=True)
     rows = json.loads((tmp_path / "training.json").read_text())["rows"]
@@ -41,6 +42,12 @@ def test_every_benchmark_runs_from_one_command_in_smoke_mode(tmp_path):
     for name in ("layers", "training"):
         assert (tmp_path / f"{name}.md").stat().st_size > 0
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    stages = json.loads((tmp_path / "stages.json").read_text())["rows"]
+    assert [row["stage"] for row in stages] == [
+        "scratch", "scratch", "k-means codes + fine-tune", "k-means codes + fine-tune + distillation"]
+    for row in stages:  # the compress command runs for the compressed starts only
+        assert row["seconds_per_update"] > 0
+        assert (row["compress_seconds"] is not None) == ("k-means" in row["stage"]), row
 
 
 def test_the_gpu_session_runs_every_part_on_the_cpu_in_smoke_mode(tmp_path):

@@ -307,15 +307,15 @@ def test_runs_from_a_teacher_get_a_table_beside_it():
         return {"corpus": "ptb", "preset": "cpu", "variant": variant, "test_ppl": ppl, "stage": "scratch",
                 "params": {"input": tables, "output": 0, "body": 5}, "embedding_softmax_params": tables,
                 "words_per_second": 100.0, "train_seconds": 600.0, "checkpoint_bytes": 1e6, **extra}
-    teacher = {"variant": "dense-tied", "test_ppl": 100.0, "updates": 10, "train_seconds": 1200.0,
+    teacher = {"variant": "dense-tied", "test_ppl": 100.0, "updates": 30212, "train_seconds": 1200.0,
                "embedding_softmax_params": 2000}
-    student = run("rshare-0.1-kmeans-tied", 103.0, 190, stage="k-means codes + fine-tune", teacher=teacher,
+    student = run("rshare-0.1-kmeans-tied", 103.0, 190, stage="k-means codes + fine-tune", teacher=teacher, updates=5000,
                   compressed={"relative_errors": {"t": 0.5}, "valid_ppl": 150.0, "teacher_valid_ppl": 110.0})
     assert results_table.teacher_markdown([run("dense", 90.0, 4000)]) == ""
     table = results_table.markdown([run("dense", 90.0, 4000), student])
-    # 103 / 100 - 1 = +3.0 %; 190 / 2000 = 9.5 %; 1200 s and 600 s in minutes
+    # 103 / 100 - 1 = +3.0 %; 190 / 2000 = 9.5 %; each stage's updates
     assert ("| ptb | cpu | no limit | rshare-0.1-kmeans-tied | k-means codes + fine-tune | dense-tied | 100.00 | 103.00 "
-            "| +3.0 % | 9.5 % | 150.00 (110.00) | 20.0 | 10.0 |") in table
+            "| +3.0 % | 9.5 % | 150.00 (110.00) | 30,212 | 5,000 |") in table
     assert table.count("| dense |") == 1  # the teacher table lists the students only
 
 
