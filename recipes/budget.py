@@ -1,4 +1,4 @@
-"""The largest table ratio at which an rshare LM run fits a dense run's parameter budget, on the
+"""The largest table ratio at which an rshare run fits a dense run's parameter budget, on the
 corpus at hand, so that same-budget pairs are chosen by rule and not per corpus by hand:
 
     python3 -m recipes.budget DATA-BIN --dense dense-tied-h200-drop0.3 \\
@@ -7,13 +7,15 @@ corpus at hand, so that same-budget pairs are chosen by rule and not per corpus 
 prints the rshare run's name with R filled in (``rshare-0.284-bias-...`` on PTB) and both totals.
 With ``--tables F`` the budget is F times the dense run's embedding+softmax parameters, and the
 rshare run's embedding+softmax parameters must fit it (a compression target: ``--tables 0.1``,
-tables at 10 % of the dense ones). Each run is built as lm.sh builds it: ``--task stateful_lm`` on
-DATA-BIN's dictionary, the preset's model flags (after ``--``) and the run name's flags. Every
-parameter counts, a stored mapping as its bytes / 4. R is searched on a grid of 0.001: the rshare
-count grows with R.
+tables at 10 % of the dense ones). Each run is built as lm.sh builds it (``--task stateful_lm``), or
+with ``--recipe translation`` as translation.sh does (``--task translation``, the language pair
+read from DATA-BIN), on DATA-BIN's dictionary, with the preset's model flags (after ``--``) and
+the run name's flags. Every parameter counts, a stored mapping as its bytes / 4. R is searched on
+a grid of 0.001: the rshare count grows with R.
 """
 import argparse
 import functools
+import glob
 import os
 import sys
 
@@ -32,24 +34,27 @@ def ratio_name(template, step):
     return template.replace("rshare-R", "rshare-" + f"{step / GRID:.3f}".rstrip("0"), 1)
 
 
-def parameters(data_bin, model_flags, name, words):
-    """The parameters of run `name` of lm.sh, built on `data_bin`'s dictionary, by component
-    (input, output, body)."""
-    arguments = [data_bin, "--user-dir", USER_DIR, "--task", "stateful_lm", "--cpu", *model_flags,
-                 *variants.flags("lm", name, words).split()]
+TASKS = {"lm": "stateful_lm", "translation": "translation"}
+
+
+def parameters(data_bin, model_flags, name, words, recipe="lm"):
+    """The parameters of run `name` of `recipe` (lm or translation), built on `data_bin`'s
+    dictionary, by component (input, output, body)."""
+    arguments = [data_bin, "--user-dir", USER_DIR, "--task", TASKS[recipe], "--cpu", *model_flags,
+                 *variants.flags(recipe, name, words).split()]
     args = options.parse_args_and_arch(options.get_training_parser(), arguments)
     model = tasks.setup_task(args).build_model(args)
     return count_by_component(model, args.arch)
 
 
-def total_parameters(data_bin, model_flags, name, words):
-    """All parameters of run `name` of lm.sh, built on `data_bin`'s dictionary."""
-    return sum(parameters(data_bin, model_flags, name, words).values())
+def total_parameters(data_bin, model_flags, name, words, recipe="lm"):
+    """All parameters of run `name` of `recipe`, built on `data_bin`'s dictionary."""
+    return sum(parameters(data_bin, model_flags, name, words, recipe).values())
 
 
-def table_parameters(data_bin, model_flags, name, words):
-    """The embedding+softmax parameters of run `name` of lm.sh, built on `data_bin`'s dictionary."""
-    counts = parameters(data_bin, model_flags, name, words)
+def table_parameters(data_bin, model_flags, name, words, recipe="lm"):
+    """The embedding+softmax parameters of run `name` of `recipe`, built on `data_bin`'s dictionary."""
+    counts = parameters(data_bin, model_flags, name, words, recipe)
     return counts["input"] + counts["output"]
 
 
@@ -67,7 +72,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m recipes.budget", description=__doc__,
                                      usage="%(prog)s DATA-BIN --dense NAME --rshare NAME [-- MODEL FLAGS]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_bin", metavar="DATA-BIN", help="the corpus as lm.sh's prepare step binarised it")
+    parser.add_argument("data_bin", metavar="DATA-BIN", help="the corpus as the recipe's prepare step binarised it")
+    parser.add_argument("--recipe", choices=sorted(TASKS), default="lm", help="whose runs: lm.sh's or "
+                        "translation.sh's (default: %(default)s)")
     parser.add_argument("--dense", required=True, metavar="NAME", help="the dense run whose total is the budget")
     parser.add_argument("--rshare", required=True, metavar="NAME", help="an rshare run name starting rshare-R")
     parser.add_argument("--tables", type=float, metavar="F", help="budget F times the dense run's embedding+softmax "
@@ -78,9 +85,10 @@ def main(argv=None):
     args.model_flags = model_flags
     if not args.rshare.startswith("rshare-R-") and args.rshare != "rshare-R":
         parser.error(f"--rshare {args.rshare}: start it with rshare-R (R stands for the ratio to find)")
-    dictionary = os.path.join(args.data_bin, "dict.txt")
-    if not os.path.isfile(dictionary):
-        parser.error(f"{dictionary} is missing: give the data-bin folder of lm.sh's prepare step")
+    dictionaries = sorted(glob.glob(os.path.join(args.data_bin, "dict.txt" if args.recipe == "lm" else "dict.*.txt")))
+    if not dictionaries:
+        parser.error(f"{args.data_bin} holds no dictionary: give the data-bin folder of {args.recipe}.sh's prepare step")
+    dictionary = dictionaries[0]
     with open(dictionary) as f:
         words = sum(1 for _ in f) + 4
     if args.tables is not None and not 0 < args.tables < 1:
@@ -88,13 +96,13 @@ def main(argv=None):
     count, what = (total_parameters, "parameters") if args.tables is None else \
         (table_parameters, "embedding+softmax parameters")
     try:
-        budget = count(args.data_bin, args.model_flags, args.dense, words)
+        budget = count(args.data_bin, args.model_flags, args.dense, words, args.recipe)
         if args.tables is not None:
             budget = int(args.tables * budget)
 
         @functools.lru_cache(maxsize=None)
         def rshare_count(step):
-            return count(args.data_bin, args.model_flags, ratio_name(args.rshare, step), words)
+            return count(args.data_bin, args.model_flags, ratio_name(args.rshare, step), words, args.recipe)
 
         step = largest_fitting_ratio(lambda step: rshare_count(step) <= budget)
         of_dense = args.dense if args.tables is None else f"{args.tables:g} x {args.dense}'s"

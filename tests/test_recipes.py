@@ -488,6 +488,25 @@ def test_budget_of_tables_fits_a_fraction_of_the_dense_tables_learned_codes_coun
     assert budget.table_parameters(str(lm_data), model, name.replace("-kmeans", ""), words) < fitting
 
 
+def test_budget_of_translation_tables_counts_the_one_shared_table(nmt_data):
+    model = ["--arch", "rshare_transformer", "--encoder-layers", "1", "--decoder-layers", "1",
+             "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+             "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
+    words = len(open(nmt_data / "dict.de.txt").readlines()) + 4
+    dense = budget.table_parameters(str(nmt_data), model, "dense", words, "translation")
+    assert dense == words * 32  # --share-all-embeddings: one table for both inputs and the output
+    result = subprocess.run([sys.executable, "-m", "recipes.budget", str(nmt_data), "--recipe", "translation",
+                             "--dense", "dense", "--rshare", "rshare-R-kmeans", "--tables", "0.1", "--", *model],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    name = result.stdout.split("\t")[0]
+    step = round(float(name.split("-")[1]) * budget.GRID)
+    fitting = budget.table_parameters(str(nmt_data), model, name, words, "translation")
+    larger = budget.table_parameters(str(nmt_data), model, budget.ratio_name("rshare-R-kmeans", step + 1), words,
+                                     "translation")
+    assert fitting <= 0.1 * dense < larger
+
+
 def test_curves_are_those_of_the_runs_best_at_each_budget_that_kept_one(tmp_path):
     def run(variant, ppl, total, seed=1, curve=((100, 300.0), (200, 200.0))):
         return {"corpus": "ptb", "preset": "cpu", "variant": variant, "seed": seed, "test_ppl": ppl,
