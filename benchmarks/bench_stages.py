@@ -16,7 +16,6 @@ others. Writes benchmarks/results/stages.json and .md.
 import argparse
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ import tempfile
 import time
 
 from bench_layers import save_results
+from bench_training import LOG_INTERVAL, steady_intervals
 
 from fairseq_rshare.tools import environment_with_tools
 
@@ -32,7 +32,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 PTB = os.path.join(os.environ.get("RSHARE_DATA", os.path.join(REPO, "..", "shared", "data")), "ptb")
-FIRST_UPDATES = 10  # left out of the steady cost: start-up and the first interval
 
 # (preset, the teacher, then the students); the students' teacher is the dense run with their
 # model suffixes, so it must be the first name. 0.093 from scratch and 0.072 with k-means codes
@@ -47,15 +46,9 @@ RUNS = {
 
 
 def steady_seconds_per_update(train_log):
-    """Seconds per update over a fairseq-train log's train_inner intervals after the first
-    FIRST_UPDATES updates (each interval's updates / its ups), or None for a shorter run."""
-    updates = seconds = 0.0
-    previous = None
-    for ups, total in re.findall(r"train_inner \| .*?ups=([\d.]+), .*?num_updates=(\d+)", train_log):
-        if previous is not None and previous >= FIRST_UPDATES and float(ups):
-            updates += int(total) - previous
-            seconds += (int(total) - previous) / float(ups)
-        previous = int(total)
+    """Seconds per update after a fairseq-train log's first LOG_INTERVAL updates, or None for a
+    shorter run."""
+    updates, _, seconds = steady_intervals(train_log)
     return seconds / updates if updates else None
 
 
@@ -80,7 +73,7 @@ def stage_cost(work, preset, corpus, variant, updates, threads):
     if os.path.exists(compressed):
         os.remove(compressed)
     recipe(work, preset, corpus, "train", variant, threads=threads,
-           extra=f"--max-update {updates} --log-interval 10 --max-valid-steps 5")
+           extra=f"--max-update {updates} --log-interval {LOG_INTERVAL} --max-valid-steps 5")
     with open(os.path.join(run, "train.log")) as f:
         seconds = steady_seconds_per_update(f.read())
     compress = None
@@ -117,8 +110,8 @@ def main():
     args = parser.parse_args()
     updates = args.updates or (30 if args.smoke else 120)
     repeats = args.repeats or (1 if args.smoke else 2)
-    if updates <= FIRST_UPDATES + 10:
-        parser.error(f"--updates {updates}: give more than {FIRST_UPDATES + 10}, so that a steady interval remains")
+    if updates <= 2 * LOG_INTERVAL:
+        parser.error(f"--updates {updates}: give more than {2 * LOG_INTERVAL}, so that a steady interval remains")
     preset, variants = RUNS[args.smoke]
     measured = {variant: [] for variant in variants}
     with tempfile.TemporaryDirectory() as work:

@@ -143,16 +143,23 @@ def train(data_bin, flags, save_dir, memory_cap_gb=None, evaluate=None, keep_che
 LOG_INTERVAL = 10
 
 
-def steady_training_speed(train_log):
-    """Words/s of a fairseq-train log's intervals after its first LOG_INTERVAL updates, from
-    its train_inner lines (each interval's words / its wps), or None for a shorter run."""
-    words = seconds = 0.0
+def steady_intervals(train_log):
+    """(updates, words, seconds) of a fairseq-train log's intervals after its first LOG_INTERVAL
+    updates, from its train_inner lines (each interval's words / its wps)."""
+    updates = words = seconds = 0.0
     previous = None
     for wps, wpb, total in re.findall(r"train_inner \| .*?wps=([\d.]+), .*?wpb=([\d.]+), .*?num_updates=(\d+)", train_log):
         if previous is not None and previous >= LOG_INTERVAL and float(wps):
             interval_words = float(wpb) * (int(total) - previous)
+            updates += int(total) - previous
             words, seconds = words + interval_words, seconds + interval_words / float(wps)
         previous = int(total)
+    return updates, words, seconds
+
+
+def steady_training_speed(train_log):
+    """Words/s after the first LOG_INTERVAL updates (steady_intervals), or None for a shorter run."""
+    _, words, seconds = steady_intervals(train_log)
     return words / seconds if seconds else None
 
 
