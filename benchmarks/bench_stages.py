@@ -108,8 +108,10 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads a run [%(default)s]")
     parser.add_argument("--out", default=RESULTS, help="folder for stages.json and stages.md")
     args = parser.parse_args()
-    updates = args.updates or (30 if args.smoke else 120)
-    repeats = args.repeats or (1 if args.smoke else 2)
+    updates = args.updates if args.updates is not None else (30 if args.smoke else 120)
+    repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 2)
+    if repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads take a whole number from 1")
     if updates <= 2 * LOG_INTERVAL:
         parser.error(f"--updates {updates}: give more than {2 * LOG_INTERVAL}, so that a steady interval remains")
     preset, variants = RUNS[args.smoke]
