@@ -65,8 +65,8 @@ def recipe(work, preset, corpus, steps, variant, extra="", threads=1):
 
 
 def stage_cost(work, preset, corpus, variant, updates, threads):
-    """One training of variant from scratch (or from its compressed teacher): (its stage, steady
-    seconds per update, the compress command's seconds or None)."""
+    """One training of variant from scratch (or from its compressed teacher): (steady seconds per
+    update, the compress command's seconds or None)."""
     run = os.path.join(work, variant)
     shutil.rmtree(run, ignore_errors=True)
     compressed = os.path.join(work, "compressed", variant + ".seconds")
@@ -80,10 +80,14 @@ def stage_cost(work, preset, corpus, variant, updates, threads):
     if os.path.exists(compressed):
         with open(compressed) as f:
             compress = float(f.read())
-    stage = subprocess.run(
+    return seconds, compress
+
+
+def stage_of(variant):
+    """How run `variant` of lm.sh starts, in words (recipes.variants' stage)."""
+    return subprocess.run(
         [sys.executable, "-m", "recipes.variants", "lm", "--print", "stage", variant], cwd=REPO, check=True,
         capture_output=True, text=True).stdout.strip()
-    return stage, seconds, compress
 
 
 def markdown(rows, meta):
@@ -123,9 +127,9 @@ def main():
                 measured[variant].append(stage_cost(work, preset, args.corpus, variant, updates, args.threads))
     rows = []
     for variant, runs in measured.items():
-        compress = [c for _, _, c in runs if c is not None]
-        rows.append({"variant": variant, "stage": runs[0][0],
-                     "seconds_per_update": statistics.median(s for _, s, _ in runs),
+        compress = [c for _, c in runs if c is not None]
+        rows.append({"variant": variant, "stage": stage_of(variant),
+                     "seconds_per_update": statistics.median(s for s, _ in runs),
                      "compress_seconds": statistics.median(compress) if compress else None})
         print(f"{variant}: {rows[-1]['seconds_per_update']:.4f} s/update", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
