@@ -18,26 +18,29 @@ require_tools() {
 # (python3 -m recipes.variants --help).
 variants() {
   PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" python3 -m recipes.variants "$2" --words "$3" \
-    --work "$WORK" --print "$1" "${@:4}" || exit 1
+    --work "$WORK" --seed "${SEED:-1}" --print "$1" "${@:4}" || exit 1
 }
 
 # start_from_teacher RECIPE WORDS NAME RUN_DIR: a run that starts from its teacher (a dense run of
-# the same WORK) needs the teacher's checkpoint; one that starts compressed gets its compressed
-# checkpoint from fairseq-rshare-compress before its training starts (not again on a resume),
-# with the command's log and wall time beside it ($WORK/compressed/NAME.log, NAME.seconds).
+# the same WORK and seed) needs the teacher's checkpoint; one that starts compressed gets its
+# compressed checkpoint from fairseq-rshare-compress before its training starts (not again on a
+# resume), with the command's log and wall time beside it ($WORK/compressed/NAME.log,
+# NAME.seconds, NAME-seedN.* for seed N > 1).
 start_from_teacher() {
-  local teacher compress start
+  local teacher compress start log name
   teacher=$(variants teacher "$1" "$2" "$3")
   [ -z "$teacher" ] && return
-  [ -f "$teacher" ] || die "$3 starts from $teacher, which is missing: train and evaluate its teacher first (VARIANTS=$(basename "$(dirname "$teacher")"))"
+  name=$(basename "$(dirname "$teacher")")
+  [ -f "$teacher" ] || die "$3 starts from $teacher, which is missing: train and evaluate its teacher first (VARIANTS=${name%-seed${SEED:-1}}${SEED:+ SEED=$SEED})"
   compress=$(variants compress "$1" "$2" "$3")
   if [ -n "$compress" ] && [ ! -f "$4/checkpoint_last.pt" ]; then
-    step "compress $teacher for $3, log: $WORK/compressed/$3.log"
+    log="$WORK/compressed/$(seeded "$3")"
+    step "compress $teacher for $3, log: $log.log"
     mkdir -p "$WORK/compressed"
     start=$(date +%s)
-    fairseq-rshare-compress $compress --data "$WORK/data-bin" >"$WORK/compressed/$3.log" 2>&1 \
-      || die "compressing the teacher of $3 failed: see $WORK/compressed/$3.log"
-    echo $(( $(date +%s) - start )) >"$WORK/compressed/$3.seconds"
+    fairseq-rshare-compress $compress --data "$WORK/data-bin" >"$log.log" 2>&1 \
+      || die "compressing the teacher of $3 failed: see $log.log"
+    echo $(( $(date +%s) - start )) >"$log.seconds"
   fi
 }
 
@@ -79,16 +82,17 @@ seeded() {
 # with how it started, for a run that starts from its teacher the teacher's results, and for one
 # that starts compressed what the compression reported.
 record_variant() {
-  local recipe=$1 variant=$2 name=$3 run=$4 checkpoint=$5 teacher
+  local recipe=$1 variant=$2 name=$3 run=$4 checkpoint=$5 teacher log
   shift 5
   teacher=$(variants teacher "$recipe" 0 "$variant")
   if [ -n "$teacher" ]; then
     set -- "$@" --teacher-result "$WORK/results/$(basename "$(dirname "$teacher")").json"
   fi
   if [ -n "$(variants compress "$recipe" 0 "$variant")" ]; then
-    set -- "$@" --compress-log "$WORK/compressed/$variant.log"
-    if [ -f "$WORK/compressed/$variant.seconds" ]; then
-      set -- "$@" --compress-seconds "$(cat "$WORK/compressed/$variant.seconds")"
+    log="$WORK/compressed/$(seeded "$variant")"
+    set -- "$@" --compress-log "$log.log"
+    if [ -f "$log.seconds" ]; then
+      set -- "$@" --compress-seconds "$(cat "$log.seconds")"
     fi
   fi
   python3 "$HERE/record_result.py" --out "$WORK/results/$(seeded "$name").json" --corpus "$CORPUS" \

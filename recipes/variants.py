@@ -10,7 +10,8 @@ rshare_cross_entropy``. A suffix marked "rshare" needs an rshare base; one marke
 
 Runs can start from a trained dense model, their *teacher*: the run ``dense`` with the same
 model suffixes (-tied, -hN, -dropP, -untied; e.g. ``rshare-0.1-bias-compress-tied`` starts from
-``dense-tied``), whose best checkpoint must exist in the same WORK folder. ``-compress``,
+``dense-tied``), whose best checkpoint must exist in the same WORK folder; a run of seed N > 1
+starts from the teacher's run of seed N (``dense-tied-seed2``). ``-compress``,
 ``-kmeans`` and ``-kmeansbal`` compress it (``fairseq-rshare-compress``) and fine-tune the result
 on the preset's schedule; ``-distill`` adds its distillation to the loss.
 """
@@ -33,22 +34,24 @@ class VariantError(ValueError):
 class Run:
     """What a suffix's flags depend on: the recipe, the run's name, the base's ratio (None for
     dense), the dictionary's size, whether the name asks for untied translation tables, and the
-    recipe's WORK folder (where the teacher and the compressed checkpoints are)."""
+    recipe's WORK folder (where the teacher and the compressed checkpoints are), and the training
+    seed (a run of seed N > 1 starts from its teacher's run of seed N)."""
     recipe: str
     name: str
     ratio: float
     words: int
     untied: bool
     work: str
+    seed: int
 
     @property
     def teacher_checkpoint(self):
         best = "checkpoint_best.pt" if self.recipe == "lm" else "checkpoint_average.pt"
-        return os.path.join(self.work, teacher(self.name), best)
+        return os.path.join(self.work, seeded(teacher(self.name), self.seed), best)
 
     @property
     def compressed_checkpoint(self):
-        return os.path.join(self.work, "compressed", self.name + ".pt")
+        return os.path.join(self.work, "compressed", seeded(self.name, self.seed) + ".pt")
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ SUFFIXES = (
 )
 
 
-def parse(recipe, name, words=0, work="work"):
+def parse(recipe, name, words=0, work="work", seed=1):
     """(Run, [(Suffix, match), ...], base flags) of run `name`; VariantError names what is wrong."""
     base, *suffixes = name.split("-")
     if base == "rshare":
@@ -131,7 +134,7 @@ def parse(recipe, name, words=0, work="work"):
         ratio, out = None, ["--rshare-tables none"]
     else:
         raise VariantError(f"variant {name!r}: start it with dense or rshare-R")
-    run = Run(recipe, name, ratio, words, "untied" in suffixes, work)
+    run = Run(recipe, name, ratio, words, "untied" in suffixes, work, seed)
     if recipe == "translation" and not run.untied:
         out.append("--share-all-embeddings")
     seen, parsed = set(), []
@@ -153,10 +156,11 @@ def parse(recipe, name, words=0, work="work"):
     return run, parsed, out
 
 
-def flags(recipe, name, words=0, work="work"):
+def flags(recipe, name, words=0, work="work", seed=1):
     """The fairseq-train flags of run `name` in `recipe` (lm or translation), for a dictionary of
-    `words` symbols, in the recipe's `work` folder; VariantError names what is wrong."""
-    run, parsed, out = parse(recipe, name, words, work)
+    `words` symbols, in the recipe's `work` folder, for training seed `seed`; VariantError names
+    what is wrong."""
+    run, parsed, out = parse(recipe, name, words, work, seed)
     for suffix, match in parsed:
         try:
             out.append(suffix.flags(match, run))
@@ -171,9 +175,14 @@ def teacher(name):
                                  if any(not s.rshare_only and re.fullmatch(s.pattern, text) for s in SUFFIXES)])
 
 
-def teacher_checkpoint(recipe, name, work="work"):
+def seeded(name, seed):
+    """The run folder and results name of run `name` trained with `seed` (as recipes/common.sh's)."""
+    return name if seed == 1 else f"{name}-seed{seed}"
+
+
+def teacher_checkpoint(recipe, name, work="work", seed=1):
     """The checkpoint run `name` starts from or distils, "" for a run that needs none."""
-    run, parsed, _ = parse(recipe, name, work=work)
+    run, parsed, _ = parse(recipe, name, work=work, seed=seed)
     return run.teacher_checkpoint if any(suffix.stage for suffix, _ in parsed) else ""
 
 
@@ -184,13 +193,13 @@ def stage(recipe, name):
     return " + ".join(stages + [suffix.stage for suffix, _ in parsed if suffix.name == "-distillW"])
 
 
-def compress_flags(recipe, name, words=0, work="work"):
+def compress_flags(recipe, name, words=0, work="work", seed=1):
     """fairseq-rshare-compress's arguments for run `name` (its --rshare-* flags, the teacher's
     checkpoint and the output), or "" for a run that does not start compressed."""
-    run, parsed, _ = parse(recipe, name, words, work)
+    run, parsed, _ = parse(recipe, name, words, work, seed)
     if not any(suffix.stage and suffix.name != "-distillW" for suffix, _ in parsed):
         return ""
-    tokens = flags(recipe, name, words, work).split()
+    tokens = flags(recipe, name, words, work, seed).split()
     kept = [token for i, token in enumerate(tokens) if token.startswith("--rshare-")
             or (i and tokens[i - 1].startswith("--rshare-") and not token.startswith("--"))]
     return " ".join([run.teacher_checkpoint, run.compressed_checkpoint, *kept])
@@ -217,15 +226,16 @@ def main(argv=None):
     parser.add_argument("names", nargs="+", metavar="NAME")
     parser.add_argument("--words", type=int, default=0, help="the dictionary's size (for -freq)")
     parser.add_argument("--work", default="work", help="the recipe's WORK folder")
+    parser.add_argument("--seed", type=int, default=1, help="the training seed (its teacher's run of the same seed)")
     parser.add_argument("--print", choices=("flags", "compress", "teacher", "stage"), default="flags",
                         help="fairseq-train flags; fairseq-rshare-compress arguments (empty for a run that "
                              "does not start compressed); the teacher's checkpoint (empty for a run from "
                              "scratch without distillation); how the run starts")
     args = parser.parse_args(argv)
     parts = {
-        "flags": lambda name: flags(args.recipe, name, args.words, args.work),
-        "compress": lambda name: compress_flags(args.recipe, name, args.words, args.work),
-        "teacher": lambda name: teacher_checkpoint(args.recipe, name, args.work),
+        "flags": lambda name: flags(args.recipe, name, args.words, args.work, args.seed),
+        "compress": lambda name: compress_flags(args.recipe, name, args.words, args.work, args.seed),
+        "teacher": lambda name: teacher_checkpoint(args.recipe, name, args.work, args.seed),
         "stage": lambda name: stage(args.recipe, name),
     }
     try:

@@ -230,6 +230,11 @@ def test_runs_that_start_from_their_teacher():
     assert variants.compress_flags("lm", name, 10_000, "w") == (
         f"{teacher} {compressed} --rshare-ratio 0.15 --rshare-output-bias --rshare-word-scale --rshare-mapping kmeans")
     assert variants.compress_flags("lm", "rshare-0.1-distill", 10_000, "w") == ""
+    # a run of seed 2 starts from its teacher's seed-2 run, into a compressed checkpoint of its own
+    teacher2 = os.path.join("w", "dense-tied-drop0.3-seed2", "checkpoint_best.pt")
+    compressed2 = os.path.join("w", "compressed", name + "-seed2.pt")
+    assert variants.compress_flags("lm", name, 10_000, "w", seed=2).startswith(f"{teacher2} {compressed2} ")
+    assert f"--teacher-path {teacher2} " in variants.flags("lm", name, 10_000, "w", seed=2)
 
 
 @pytest.mark.parametrize("recipe,name,message", [
@@ -387,6 +392,9 @@ def test_lm_recipe_compresses_its_teacher_and_distils_it(tmp_path):
     failed = recipe("lm.sh", tmp_path, check=False, DATA=data, PRESET="smoke", WORK=work, VARIANTS=student)
     assert failed.returncode == 1 and "train and evaluate its teacher first (VARIANTS=dense)" in failed.stderr
     recipe("lm.sh", tmp_path, DATA=data, PRESET="smoke", WORK=work, VARIANTS=f"dense {student}", STEPS="train evaluate")
+    failed = recipe("lm.sh", tmp_path, check=False, DATA=data, PRESET="smoke", WORK=work, VARIANTS=student, SEED="2",
+                    STEPS="train")  # seed 2 starts from the teacher's seed-2 run, not from seed 1's
+    assert failed.returncode == 1 and "train and evaluate its teacher first (VARIANTS=dense SEED=2)" in failed.stderr
     results = check_results(work / "results", ["dense", student], "test_ppl", lambda ppl: ppl < 1000)
     dense = results["dense"]
     assert dense["stage"] == "scratch" and "teacher" not in dense
