@@ -33,8 +33,8 @@ class VariantError(ValueError):
 @dataclass(frozen=True)
 class Run:
     """What a suffix's flags depend on: the recipe, the run's name, the base's ratio (None for
-    dense), the dictionary's size, whether the name asks for untied translation tables, and the
-    recipe's WORK folder (where the teacher and the compressed checkpoints are), and the training
+    dense), the dictionary's size, whether the name asks for untied translation tables, the
+    recipe's WORK folder (where the teacher and the compressed checkpoints are) and the training
     seed (a run of seed N > 1 starts from its teacher's run of seed N)."""
     recipe: str
     name: str
