@@ -80,14 +80,26 @@ def points(results):
                      f"{next(s for s in seeds if seeds.count(s) > 1)}")
         if len({total_params(run) for run in runs}) > 1:
             sys.exit(f"results_table: error: the seeds of {corpus} {preset} {variant} differ in parameters")
-        values = [run[metric] for run in runs]
-        merged.append({
-            **runs[0], "schedule": trained, "seeds": seeds, metric: statistics.mean(values),
-            "low": min(values), "high": max(values),
+        point = {
+            **runs[0], "schedule": trained, **over_seeds([run[metric] for run in runs], metric, seeds),
             "words_per_second": statistics.mean(run["words_per_second"] for run in runs),
             "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
-        })
+        }
+        if "teacher" in point:  # each seed started from its own seed's teacher: compare means with means
+            point["teacher"] = {**point["teacher"],
+                                **over_seeds([run["teacher"][metric] for run in runs], metric, seeds)}
+            compressed = [run.get("compressed", {}) for run in runs]
+            if all("valid_ppl" in scores for scores in compressed):
+                point["compressed"] = {**compressed[0], **{
+                    key: statistics.mean(scores[key] for scores in compressed)
+                    for key in ("valid_ppl", "teacher_valid_ppl")}}
+        merged.append(point)
     return merged
+
+
+def over_seeds(values, metric, seeds):
+    """The seeds' values of a metric as one point's: their mean, lowest and highest."""
+    return {metric: statistics.mean(values), "low": min(values), "high": max(values), "seeds": seeds}
 
 
 def groups(merged, by_schedule=True):
@@ -137,7 +149,8 @@ def markdown(results):
 def teacher_markdown(results):
     """A second table for the runs that start from a trained dense model (their teacher): the
     teacher's score and size beside theirs, the compressed model's validation perplexity before
-    fine-tuning, and the updates of each stage ("" when no run has a teacher). Updates, not minutes:
+    fine-tuning, and the updates of each stage ("" when no run has a teacher); over seeds, the means
+    of the students' and of their teachers' (each seed has its own teacher). Updates, not minutes:
     a run resumed across stops, on shared cores, has no meaningful wall time, and an update's cost
     per stage is benchmarks/bench_stages.py's."""
     students = [point for point in points(results) if "teacher" in point]
@@ -159,7 +172,7 @@ def teacher_markdown(results):
         lines.append(
             f"| {point['corpus']} | {point['preset']} | {point['schedule']} | {point['variant']} | {point['stage']} "
             f"| {teacher['variant']} "
-            f"| {teacher[metric]:.2f} | {value_text(point, metric)} | {change} "
+            f"| {value_text(teacher, metric)} | {value_text(point, metric)} | {change} "
             f"| {100 * point['embedding_softmax_params'] / teacher['embedding_softmax_params']:.1f} % | {before} "
             f"| {teacher['updates']:,} | {point['updates']:,} |"
         )

@@ -322,6 +322,14 @@ def test_runs_from_a_teacher_get_a_table_beside_it():
     assert ("| ptb | cpu | no limit | rshare-0.1-kmeans-tied | k-means codes + fine-tune | dense-tied | 100.00 | 103.00 "
             "| +3.0 % | 9.5 % | 150.00 (110.00) | 30,212 | 5,000 |") in table
     assert table.count("| dense |") == 1  # the teacher table lists the students only
+    # two seeds, each from its own seed's teacher: means against means, both spreads shown
+    second = run("rshare-0.1-kmeans-tied", 107.0, 190, stage="k-means codes + fine-tune", seed=2, updates=5000,
+                 teacher={**teacher, "test_ppl": 104.0},
+                 compressed={"relative_errors": {"t": 0.5}, "valid_ppl": 160.0, "teacher_valid_ppl": 114.0})
+    table = results_table.teacher_markdown([student, second])
+    # (103 + 107) / 2 = 105 against (100 + 104) / 2 = 102: +2.9 %
+    assert ("| dense-tied | 102.00 (100.00–104.00, 2 seeds) | 105.00 (103.00–107.00, 2 seeds) | +2.9 % | 9.5 % "
+            "| 155.00 (112.00) |") in table
 
 
 def test_record_result_reads_the_seed_and_the_validation_curve(tmp_path):
