@@ -61,10 +61,28 @@ def unreadable_checkpoint_reason(error):
     return "the file is truncated, corrupt or not a fairseq checkpoint; copy or save it again"
 
 
+_fairseq_load_checkpoint = checkpoint_utils.load_checkpoint
+
+
+@functools.wraps(_fairseq_load_checkpoint)
+def load_checkpoint(cfg, trainer, **passthrough_args):
+    """fairseq-train's resume or --finetune-from-model, then a check that every learned mapping
+    came with it.  The check runs before the first batch is read: a model forward would find the
+    missing mapping too, but only once fairseq's data-loading thread runs, and a thread busy in
+    torch while the interpreter exits can abort it after the one-line error."""
+    loaded = _fairseq_load_checkpoint(cfg, trainer, **passthrough_args)
+    for module in trainer.get_model().modules():
+        if isinstance(module, RandomSharedEmbedding):
+            module.check_mapping_loaded()
+    return loaded
+
+
 def install():
-    """Make fairseq's checkpoint loader allow argparse.Namespace and fail with one line (done
-    for command-line runs only: fairseq-train --user-dir resumes its checkpoints through it)."""
+    """Make fairseq's checkpoint loader allow argparse.Namespace and fail with one line, and
+    fairseq-train refuse a learned mapping no checkpoint gave (done for command-line runs only:
+    fairseq-train --user-dir resumes its checkpoints through them)."""
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.load_checkpoint = load_checkpoint
 
 
 def parameters_by_component(checkpoint):

@@ -407,3 +407,4 @@ def test_bad_requests_fail_with_one_line(dense_lstm_lm, kmeans_lstm_lm, lm_data,
                      "--max-update", "2", "--save-dir", tmp_path / "scratch", check=False)
     assert_one_line_error(result, "--rshare-mapping kmeans is learned from a trained dense model by "
                                   "fairseq-rshare-compress", "fairseq_rshare: error: ")
+    assert "Start iterating over samples" not in result.stdout + result.stderr  # before any batch is read
