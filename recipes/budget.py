@@ -7,7 +7,8 @@ corpus at hand, so that same-budget pairs are chosen by rule and not per corpus 
 prints the rshare run's name with R filled in (``rshare-0.284-bias-...`` on PTB) and both totals.
 With ``--tables F`` the budget is F times the dense run's embedding+softmax parameters, and the
 rshare run's embedding+softmax parameters must fit it (a compression target: ``--tables 0.1``,
-tables at 10 % of the dense ones). Each run is built as lm.sh builds it (``--task stateful_lm``), or
+tables at 10 % of the dense ones); with ``--input-tables F`` the same for the input tables alone
+(the output layer left out of both counts: ``--input-tables 0.01``, the input table at 1 %). Each run is built as lm.sh builds it (``--task stateful_lm``), or
 with ``--recipe translation`` as translation.sh does (``--task translation``, the language pair
 read from DATA-BIN), on DATA-BIN's dictionary, with the preset's model flags (after ``--``) and
 the run name's flags. Every parameter counts, a stored mapping as its bytes / 4. R is searched on
@@ -58,6 +59,12 @@ def table_parameters(data_bin, model_flags, name, words, recipe="lm"):
     return counts["input"] + counts["output"]
 
 
+def input_table_parameters(data_bin, model_flags, name, words, recipe="lm"):
+    """The input-table parameters of run `name` of `recipe` (a table tied to the output counted
+    once, as input), built on `data_bin`'s dictionary."""
+    return parameters(data_bin, model_flags, name, words, recipe)["input"]
+
+
 def largest_fitting_ratio(fits):
     """The largest step in 1..GRID-1 for which ``fits(step)`` holds, `fits` being monotone (true
     up to some step, false after), or None when even the first step does not fit."""
@@ -77,8 +84,11 @@ def main(argv=None):
                         "translation.sh's (default: %(default)s)")
     parser.add_argument("--dense", required=True, metavar="NAME", help="the dense run whose total is the budget")
     parser.add_argument("--rshare", required=True, metavar="NAME", help="an rshare run name starting rshare-R")
-    parser.add_argument("--tables", type=float, metavar="F", help="budget F times the dense run's embedding+softmax "
-                        "parameters, for the rshare run's (default: the dense run's total, for the rshare total)")
+    fraction = parser.add_mutually_exclusive_group()
+    fraction.add_argument("--tables", type=float, metavar="F", help="budget F times the dense run's embedding+softmax "
+                          "parameters, for the rshare run's (default: the dense run's total, for the rshare total)")
+    fraction.add_argument("--input-tables", type=float, metavar="F", help="budget F times the dense run's input-table "
+                          "parameters, for the rshare run's")
     argv = sys.argv[1:] if argv is None else list(argv)
     model_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(model_flags) - ("--" in argv)])
@@ -91,21 +101,26 @@ def main(argv=None):
     dictionary = dictionaries[0]
     with open(dictionary) as f:
         words = sum(1 for _ in f) + 4
-    if args.tables is not None and not 0 < args.tables < 1:
-        parser.error(f"--tables {args.tables}: give the fraction of the dense tables, between 0 and 1")
-    count, what = (total_parameters, "parameters") if args.tables is None else \
-        (table_parameters, "embedding+softmax parameters")
+    if args.tables is not None:
+        flag, fraction, count, what = "--tables", args.tables, table_parameters, "embedding+softmax parameters"
+    elif args.input_tables is not None:
+        flag, fraction, count, what = "--input-tables", args.input_tables, input_table_parameters, \
+            "input-table parameters"
+    else:
+        flag, fraction, count, what = None, None, total_parameters, "parameters"
+    if fraction is not None and not 0 < fraction < 1:
+        parser.error(f"{flag} {fraction}: give the fraction of the dense tables, between 0 and 1")
     try:
         budget = count(args.data_bin, args.model_flags, args.dense, words, args.recipe)
-        if args.tables is not None:
-            budget = int(args.tables * budget)
+        if fraction is not None:
+            budget = int(fraction * budget)
 
         @functools.lru_cache(maxsize=None)
         def rshare_count(step):
             return count(args.data_bin, args.model_flags, ratio_name(args.rshare, step), words, args.recipe)
 
         step = largest_fitting_ratio(lambda step: rshare_count(step) <= budget)
-        of_dense = args.dense if args.tables is None else f"{args.tables:g} x {args.dense}'s"
+        of_dense = args.dense if fraction is None else f"{fraction:g} x {args.dense}'s"
         if step is None:
             sys.exit(f"recipes.budget: {ratio_name(args.rshare, 1)} already has more than {of_dense} "
                      f"{budget:,} {what}: pick a smaller rshare model")

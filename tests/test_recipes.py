@@ -504,6 +504,26 @@ def test_budget_of_tables_fits_a_fraction_of_the_dense_tables_learned_codes_coun
     assert budget.table_parameters(str(lm_data), model, name.replace("-kmeans", ""), words) < fitting
 
 
+def test_budget_of_input_tables_leaves_the_output_layer_out(lm_data):
+    model = ["--arch", "rshare_lstm_lm", "--decoder-layers", "2"]
+    words = len(open(lm_data / "dict.txt").readlines()) + 4
+    assert budget.input_table_parameters(str(lm_data), model, "dense-h32", words) == words * 32
+    result = subprocess.run([sys.executable, "-m", "recipes.budget", str(lm_data), "--dense", "dense-h32",
+                             "--rshare", "rshare-R-input-k4-kmeans-h32", "--input-tables", "0.05", "--", *model],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    name = result.stdout.split("\t")[0]
+    step = round(float(name.split("-")[1]) * budget.GRID)
+    counts = budget.parameters(str(lm_data), model, name, words)
+    larger = budget.parameters(str(lm_data), model, budget.ratio_name("rshare-R-input-k4-kmeans-h32", step + 1), words)
+    assert counts["input"] <= 0.05 * words * 32 < larger["input"]
+    assert counts["output"] == words * 32 + words  # the dense output layer, not in the budget
+    result = subprocess.run([sys.executable, "-m", "recipes.budget", str(lm_data), "--dense", "dense-h32",
+                             "--rshare", "rshare-R-input", "--tables", "0.1", "--input-tables", "0.01"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr.splitlines()[-1]
+
+
 def test_budget_of_translation_tables_counts_the_one_shared_table(nmt_data):
     model = ["--arch", "rshare_transformer", "--encoder-layers", "1", "--decoder-layers", "1",
              "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
