@@ -8,11 +8,12 @@ prints the rshare run's name with R filled in (``rshare-0.284-bias-...`` on PTB)
 With ``--tables F`` the budget is F times the dense run's embedding+softmax parameters, and the
 rshare run's embedding+softmax parameters must fit it (a compression target: ``--tables 0.1``,
 tables at 10 % of the dense ones); with ``--input-tables F`` the same for the input tables alone
-(the output layer left out of both counts: ``--input-tables 0.01``, the input table at 1 %). Each run is built as lm.sh builds it (``--task stateful_lm``), or
-with ``--recipe translation`` as translation.sh does (``--task translation``, the language pair
-read from DATA-BIN), on DATA-BIN's dictionary, with the preset's model flags (after ``--``) and
-the run name's flags. Every parameter counts, a stored mapping as its bytes / 4. R is searched on
-a grid of 0.001: the rshare count grows with R.
+(the output layer left out of both counts: ``--input-tables 0.01``, the input table at 1 %).
+Each run is built as lm.sh builds it (``--task stateful_lm``), or with ``--recipe translation``
+as translation.sh does (``--task translation``, the language pair read from DATA-BIN), on
+DATA-BIN's dictionary, with the preset's model flags (after ``--``) and the run name's flags.
+Every parameter counts, a stored mapping as its bytes / 4. R is searched on a grid of 0.001: the
+rshare count grows with R.
 """
 import argparse
 import functools
