@@ -486,17 +486,22 @@ def test_budget_names_a_run_without_its_ratio_placeholder(lm_data):
                                                    "(R stands for the ratio to find)")
 
 
+def budget_run(lm_data, rshare, flag, fraction, model):
+    """The run name recipes.budget prints for `rshare` at `flag fraction` of dense-h32, and its R in grid steps."""
+    result = subprocess.run([sys.executable, "-m", "recipes.budget", str(lm_data), "--dense", "dense-h32",
+                             "--rshare", rshare, flag, fraction, "--", *model],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    name = result.stdout.split("\t")[0]
+    return name, round(float(name.split("-")[1]) * budget.GRID)
+
+
 def test_budget_of_tables_fits_a_fraction_of_the_dense_tables_learned_codes_counted(lm_data):
     model = ["--arch", "rshare_lstm_lm", "--decoder-layers", "2"]
     words = len(open(lm_data / "dict.txt").readlines()) + 4
     dense = budget.table_parameters(str(lm_data), model, "dense-h32", words)
     assert dense == words * 32 + (words * 32 + words)  # embedding, output layer with its bias
-    result = subprocess.run([sys.executable, "-m", "recipes.budget", str(lm_data), "--dense", "dense-h32",
-                             "--rshare", "rshare-R-bias-kmeans-h32", "--tables", "0.1", "--", *model],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    name = result.stdout.split("\t")[0]
-    step = round(float(name.split("-")[1]) * budget.GRID)
+    name, step = budget_run(lm_data, "rshare-R-bias-kmeans-h32", "--tables", "0.1", model)
     fitting = budget.table_parameters(str(lm_data), model, name, words)
     larger = budget.table_parameters(str(lm_data), model, budget.ratio_name("rshare-R-bias-kmeans-h32", step + 1), words)
     assert fitting <= 0.1 * dense < larger
@@ -508,12 +513,7 @@ def test_budget_of_input_tables_leaves_the_output_layer_out(lm_data):
     model = ["--arch", "rshare_lstm_lm", "--decoder-layers", "2"]
     words = len(open(lm_data / "dict.txt").readlines()) + 4
     assert budget.input_table_parameters(str(lm_data), model, "dense-h32", words) == words * 32
-    result = subprocess.run([sys.executable, "-m", "recipes.budget", str(lm_data), "--dense", "dense-h32",
-                             "--rshare", "rshare-R-input-k4-kmeans-h32", "--input-tables", "0.05", "--", *model],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    name = result.stdout.split("\t")[0]
-    step = round(float(name.split("-")[1]) * budget.GRID)
+    name, step = budget_run(lm_data, "rshare-R-input-k4-kmeans-h32", "--input-tables", "0.05", model)
     counts = budget.parameters(str(lm_data), model, name, words)
     larger = budget.parameters(str(lm_data), model, budget.ratio_name("rshare-R-input-k4-kmeans-h32", step + 1), words)
     assert counts["input"] <= 0.05 * words * 32 < larger["input"]
