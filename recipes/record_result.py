@@ -58,7 +58,7 @@ def training_seed(command):
 
 def teacher_of(teacher_result):
     """What a run that started from (or distilled) its teacher owes it: the teacher's variant,
-    score, updates and training time."""
+    score, updates, training time and parameters by table."""
     if teacher_result is None:
         return {}
     with open(teacher_result) as f:
@@ -66,7 +66,7 @@ def teacher_of(teacher_result):
     score = {key: teacher[key] for key in ("test_ppl", "test_bleu") if key in teacher}
     return {"teacher": {"variant": teacher["variant"], **score, "updates": teacher["updates"],
                         "train_seconds": teacher["train_seconds"],
-                        "embedding_softmax_params": teacher["embedding_softmax_params"]}}
+                        "params": teacher["params"]}}
 
 
 def compression_report(compress_log, seconds):

@@ -148,7 +148,9 @@ def markdown(results):
 
 def teacher_markdown(results):
     """A second table for the runs that start from a trained dense model (their teacher): the
-    teacher's score and size beside theirs, the compressed model's validation perplexity before
+    teacher's score beside theirs, their compressed tables' size as a fraction of the same tables
+    of the teacher's (the tables whose size changed: an input table compressed alone is not
+    diluted by the dense output layer it kept), the compressed model's validation perplexity before
     fine-tuning, and the updates of each stage ("" when no run has a teacher); over seeds, the means
     of the students' and of their teachers' (each seed has its own teacher). Updates, not minutes:
     a run resumed across stops, on shared cores, has no meaningful wall time, and an update's cost
@@ -159,7 +161,7 @@ def teacher_markdown(results):
     lines = [
         "\nRuns that start from a trained dense model, their teacher:\n",
         "| corpus | preset | schedule | run | stage | teacher | teacher value | value | vs teacher "
-        "| tables of teacher's | valid ppl compressed (teacher) | teacher updates | own updates |",
+        "| compressed tables of teacher's | valid ppl compressed (teacher) | teacher updates | own updates |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point in sorted(students, key=lambda p: (p["corpus"], p["preset"], p["variant"])):
@@ -173,10 +175,16 @@ def teacher_markdown(results):
             f"| {point['corpus']} | {point['preset']} | {point['schedule']} | {point['variant']} | {point['stage']} "
             f"| {teacher['variant']} "
             f"| {value_text(teacher, metric)} | {value_text(point, metric)} | {change} "
-            f"| {100 * point['embedding_softmax_params'] / teacher['embedding_softmax_params']:.1f} % | {before} "
+            f"| {100 * compressed_fraction(point['params'], teacher['params']):.1f} % | {before} "
             f"| {teacher['updates']:,} | {point['updates']:,} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def compressed_fraction(student, teacher):
+    """The student's tables whose size differs from the teacher's, over the same tables of the teacher."""
+    changed = [table for table in ("input", "output") if student[table] != teacher[table]]
+    return sum(student[table] for table in changed) / sum(teacher[table] for table in changed)
 
 
 def by_kind(group):

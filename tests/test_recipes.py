@@ -313,7 +313,7 @@ def test_runs_from_a_teacher_get_a_table_beside_it():
                 "params": {"input": tables, "output": 0, "body": 5}, "embedding_softmax_params": tables,
                 "words_per_second": 100.0, "train_seconds": 600.0, "checkpoint_bytes": 1e6, **extra}
     teacher = {"variant": "dense-tied", "test_ppl": 100.0, "updates": 30212, "train_seconds": 1200.0,
-               "embedding_softmax_params": 2000}
+               "params": {"input": 2000, "output": 0, "body": 5}}
     student = run("rshare-0.1-kmeans-tied", 103.0, 190, stage="k-means codes + fine-tune", teacher=teacher, updates=5000,
                   compressed={"relative_errors": {"t": 0.5}, "valid_ppl": 150.0, "teacher_valid_ppl": 110.0})
     assert results_table.teacher_markdown([run("dense", 90.0, 4000)]) == ""
@@ -330,6 +330,12 @@ def test_runs_from_a_teacher_get_a_table_beside_it():
     # (103 + 107) / 2 = 105 against (100 + 104) / 2 = 102: +2.9 %
     assert ("| dense-tied | 102.00 (100.00–104.00, 2 seeds) | 105.00 (103.00–107.00, 2 seeds) | +2.9 % | 9.5 % "
             "| 155.00 (112.00) |") in table
+    # an input table compressed alone, beside the dense output layer it kept: 20 / 2000 = 1.0 %, not
+    # (20 + 2010) / (2000 + 2010)
+    untied = {**teacher, "variant": "dense", "params": {"input": 2000, "output": 2010, "body": 5}}
+    alone = run("rshare-0.01-input-kmeans", 104.0, 2030, stage="k-means codes + fine-tune", teacher=untied,
+                updates=5000, params={"input": 20, "output": 2010, "body": 5})
+    assert "| dense | 100.00 | 104.00 | +4.0 % | 1.0 % | – |" in results_table.teacher_markdown([alone])
 
 
 def test_record_result_reads_the_seed_and_the_validation_curve(tmp_path):
@@ -410,7 +416,7 @@ def test_lm_recipe_compresses_its_teacher_and_distils_it(tmp_path):
     assert result["stage"] == "k-means codes + fine-tune + distillation"
     assert result["teacher"] == {"variant": "dense", "test_ppl": dense["test_ppl"], "updates": dense["updates"],
                                  "train_seconds": dense["train_seconds"],
-                                 "embedding_softmax_params": dense["embedding_softmax_params"]}
+                                 "params": dense["params"]}
     compressed = result["compressed"]
     assert len(compressed["relative_errors"]) == 2 and all(0 < e < 1 for e in compressed["relative_errors"].values())
     assert compressed["valid_ppl"] > 1 and compressed["teacher_valid_ppl"] > 1
