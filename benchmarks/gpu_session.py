@@ -320,7 +320,8 @@ def corpus_folder(session, corpus):
 
 
 def train_log(work, variant, seed=1):
-    path = os.path.join(work, variant if seed == 1 else f"{variant}-seed{seed}", "train.log")
+    from recipes.variants import seeded
+    path = os.path.join(work, seeded(variant, seed), "train.log")
     return open(path).read() if os.path.exists(path) else ""
 
 
@@ -466,6 +467,7 @@ def part_vocabulary(session, deadline):
 
 def part_recipes(session, deadline):
     """lm.sh runs in parallel, each told to stop training in time to be evaluated by the deadline."""
+    from recipes.variants import seeded
     preset = "smoke" if session.smoke else "cpu"
     # WikiText-2's pairs, then PTB's with seeds 1 and 2; the smoke run, PTB's first pair.
     plan = [("ptb", 1, 1)] if session.smoke else [("wikitext2", 3, 1), ("ptb", 3, 1), ("ptb", 3, 2)]
@@ -487,8 +489,7 @@ def part_recipes(session, deadline):
     result = {"preset": preset, "stop_time_hours": round(hours, 4), "runs": []}
     for corpus, variant, seed, work, process in started:
         status = process.wait()
-        name = variant if seed == 1 else f"{variant}-seed{seed}"
-        record = os.path.join(work, "results", f"{name}.json")
+        record = os.path.join(work, "results", f"{seeded(variant, seed)}.json")
         log = train_log(work, variant, seed)
         run = {"corpus": corpus, "variant": variant, "seed": seed, "exit_status": status,
                "updates": (re.findall(r"num_updates[ =](\d+)", log) or [None])[-1],
