@@ -19,6 +19,7 @@ those points are labelled. Error bars are the seed spread.
 """
 import argparse
 import glob
+import itertools
 import json
 import os
 import re
@@ -213,8 +214,10 @@ def plot(results, path, params_of, xlabel):
 
     grouped = groups(points(results))
     figure, axes = plt.subplots(1, len(grouped), figsize=(5 * len(grouped), 4.4), squeeze=False)
+    panels = []
     for axis, ((corpus, preset, trained), group) in zip(axes[0], grouped.items()):
         metric = metric_of(group[0])
+        labels = []
         for dense, kind in by_kind(group):
             color, marker, label = ("black", "s", "dense") if dense else ("tab:blue", "o", "rshare")
             x = [params_of(point) for point in kind]
@@ -225,9 +228,7 @@ def plot(results, path, params_of, xlabel):
             axis.errorbar([params_of(p) for p in curve], [p[metric] for p in curve],
                           yerr=[[p[metric] - p["low"] for p in curve], [p["high"] - p[metric] for p in curve]],
                           fmt=marker + "-", color=color, label=label, markersize=5, capsize=3)
-            for point in curve:
-                axis.annotate(point["variant"], (params_of(point), point[metric]), textcoords="offset points",
-                              xytext=(5, 3 if dense else -9), fontsize=7, color=color)
+            labels += [(params_of(point), point[metric], point["variant"], color) for point in curve]
         axis.set_xscale("log")
         axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k"))
@@ -238,9 +239,35 @@ def plot(results, path, params_of, xlabel):
         axis.set_title(f"{corpus} ({preset} preset, {trained})")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+        panels.append((axis, labels))
     figure.tight_layout()
+    for axis, labels in panels:  # once the layout is final: labels are placed in pixels
+        place_labels(axis, labels)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def place_labels(axis, labels):
+    """Writes each (x, y, text, color) label beside its point: right of it, else left of it where
+    it would leave the panel, moved up or down in steps of a line until it overlaps no label
+    written before it (the first place tried when none is free)."""
+    renderer = axis.figure.canvas.get_renderer()
+    panel = axis.get_window_extent(renderer)
+    written = []
+    for x, y, text, color in sorted(labels, key=lambda label: -label[1]):
+        def write(lines, side):
+            label = axis.annotate(text, (x, y), textcoords="offset points", xytext=(5 * side, 8 * lines),
+                                  ha="left" if side == 1 else "right", va="center", fontsize=7, color=color)
+            return label, label.get_window_extent(renderer)
+
+        for lines, side in itertools.product((0, -1, 1, -2, 2, -3, 3), (1, -1)):
+            label, box = write(lines, side)
+            if panel.x0 <= box.x0 and box.x1 <= panel.x1 and not any(box.overlaps(other) for other in written):
+                break
+            label.remove()
+        else:
+            box = write(0, 1)[1]
+        written.append(box)
 
 
 def curve_runs(results):

@@ -272,6 +272,25 @@ def test_best_at_budget_keeps_the_runs_no_smaller_run_beats():
         assert [run["variant"] for run in curve] == ["a", "c", "e"], metric
 
 
+def test_labels_of_crowded_points_neither_overlap_nor_leave_the_panel():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(4, 3))
+    # four points a label's height apart, the last at the right edge, where a label to its right leaves the panel
+    points = [(1.0, 100.0), (1.05, 100.2), (1.1, 99.9), (3.0, 90.0)]
+    axis.plot(*zip(*points), "o")
+    axis.set_xlim(0.9, 3.0)
+    results_table.place_labels(axis, [(x, y, f"rshare-0.{i}-bias-scale-tied", "black") for i, (x, y) in enumerate(points)])
+    renderer = figure.canvas.get_renderer()
+    panel = axis.get_window_extent(renderer)
+    boxes = [text.get_window_extent(renderer) for text in axis.texts]
+    plt.close(figure)
+    assert len(boxes) == 4
+    assert not any(first.overlaps(second) for i, first in enumerate(boxes) for second in boxes[i + 1:])
+    assert all(panel.x0 <= box.x0 and box.x1 <= panel.x1 for box in boxes)
+
+
 def test_seeds_of_a_variant_are_one_point_with_their_mean_and_spread():
     points = results_table.points
     def run(variant, seed, ppl):
