@@ -289,6 +289,7 @@ def curves_plot(chosen, path):
     whether each run had converged when its schedule ended, pair by pair at the same update."""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
 
     figure, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4.4), squeeze=False)
     for axis, ((corpus, preset, trained), runs) in zip(axes[0], chosen.items()):
@@ -302,6 +303,8 @@ def curves_plot(chosen, path):
                       label=None if variant in labelled else variant)  # one legend entry for all seeds
             labelled.add(variant)
         axis.set_yscale("log")
+        for ticks in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+            ticks(LogFormatter())  # plain numbers, not powers of ten
         axis.set_xlabel("updates")
         axis.set_ylabel("validation perplexity")
         axis.set_title(f"{corpus} ({preset} preset, {trained}): best at each budget", fontsize=10)
