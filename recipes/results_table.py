@@ -247,27 +247,58 @@ def plot(results, path, params_of, xlabel):
     plt.close(figure)
 
 
+LABEL_PLACES = list(itertools.product((0, -1, 1, -2, 2, -3, 3), (1, -1)))  # (lines up, right or left)
+
+
 def place_labels(axis, labels):
-    """Writes each (x, y, text, color) label beside its point: right of it, else left of it where
-    it would leave the panel, moved up or down in steps of a line until it overlaps no label
-    written before it (the first place tried when none is free)."""
+    """Writes each (x, y, text, color) label beside its point, in the place that stays inside the
+    panel, overlaps neither the legend nor a label written before it, and crosses the fewest drawn
+    curves, error bars and markers: tried right of the point, then left, then up or down in steps
+    of a line (the first wins a tie). A label off its point's height gets a thin line to it; where
+    no place is free, the label goes right of its point."""
     renderer = axis.figure.canvas.get_renderer()
     panel = axis.get_window_extent(renderer)
-    written = []
+    written = [axis.get_legend().get_window_extent(renderer)] if axis.get_legend() else []
     for x, y, text, color in sorted(labels, key=lambda label: -label[1]):
-        def write(lines, side):
+        def write(lines, side, leader=False):
             label = axis.annotate(text, (x, y), textcoords="offset points", xytext=(5 * side, 8 * lines),
-                                  ha="left" if side == 1 else "right", va="center", fontsize=7, color=color)
+                                  ha="left" if side == 1 else "right", va="center", fontsize=7, color=color,
+                                  arrowprops=dict(arrowstyle="-", color=color, linewidth=0.6,
+                                                  shrinkA=0, shrinkB=3) if leader else None)
             return label, label.get_window_extent(renderer)
 
-        for lines, side in itertools.product((0, -1, 1, -2, 2, -3, 3), (1, -1)):
+        best = None
+        for lines, side in LABEL_PLACES:
             label, box = write(lines, side)
-            if panel.x0 <= box.x0 and box.x1 <= panel.x1 and not any(box.overlaps(other) for other in written):
-                break
             label.remove()
+            inside = panel.x0 <= box.x0 and box.x1 <= panel.x1 and panel.y0 <= box.y0 and box.y1 <= panel.y1
+            if inside and not any(box.overlaps(other) for other in written):
+                crossings = data_crossings(axis, box)
+                if best is None or crossings < best[0]:
+                    best = crossings, lines, side, box
+                if crossings == 0:
+                    break
+        if best is None:
+            written.append(write(0, 1)[1])
         else:
-            box = write(0, 1)[1]
-        written.append(box)
+            _, lines, side, box = best
+            write(lines, side, leader=lines != 0)
+            written.append(box)  # the text's box, without its leader
+
+
+def data_crossings(axis, box):
+    """How many of the axis's drawn lines and error bars a label's display box crosses, and how many
+    markers it covers (their centres, with a marker's radius around the box)."""
+    crossings = 0
+    for line in axis.lines:
+        path = line.get_transform().transform_path(line.get_path())
+        if line.get_linestyle() not in ("None", "", " "):
+            crossings += path.intersects_bbox(box, filled=False)
+        if line.get_marker() not in ("None", "", " ", None):
+            marker_room = box.padded(line.get_markersize() / 2 * axis.figure.dpi / 72)
+            crossings += sum(marker_room.contains(*vertex) for vertex in path.vertices)
+    return crossings + sum(collection.get_transform().transform_path(path).intersects_bbox(box, filled=False)
+                           for collection in axis.collections for path in collection.get_paths())
 
 
 def curve_runs(results):

@@ -276,19 +276,44 @@ def test_labels_of_crowded_points_neither_overlap_nor_leave_the_panel():
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.text import Text
     figure, axis = plt.subplots(figsize=(4, 3))
     # four points a label's height apart, the last at the right edge, where a label to its right leaves the panel
     points = [(1.0, 100.0), (1.05, 100.2), (1.1, 99.9), (3.0, 90.0)]
     axis.plot(*zip(*points), "o")
     axis.set_xlim(0.9, 3.0)
     results_table.place_labels(axis, [(x, y, f"rshare-0.{i}-bias-scale-tied", "black") for i, (x, y) in enumerate(points)])
+    figure.canvas.draw()
     renderer = figure.canvas.get_renderer()
     panel = axis.get_window_extent(renderer)
-    boxes = [text.get_window_extent(renderer) for text in axis.texts]
+    boxes = [Text.get_window_extent(text, renderer) for text in axis.texts]  # the texts, not their leaders
     plt.close(figure)
     assert len(boxes) == 4
     assert not any(first.overlaps(second) for i, first in enumerate(boxes) for second in boxes[i + 1:])
-    assert all(panel.x0 <= box.x0 and box.x1 <= panel.x1 for box in boxes)
+    assert all(panel.x0 <= box.x0 and box.x1 <= panel.x1 and panel.y0 <= box.y0 and box.y1 <= panel.y1 for box in boxes)
+
+
+def test_a_label_moves_off_a_curve_that_runs_through_its_first_place():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+    figure, axis = plt.subplots(figsize=(4, 3))
+    # a flat curve from the point to the right edge: right of the point the label would cross it,
+    # left of it the label would leave the panel
+    axis.plot([1.0, 3.0], [100.0, 100.0], "o-")
+    axis.set_xlim(0.95, 3.05)
+    axis.set_ylim(90.0, 110.0)
+    results_table.place_labels(axis, [(1.0, 100.0, "rshare-0.1-bias-scale-tied", "black")])
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    panel = axis.get_window_extent(renderer)
+    (label,) = axis.texts
+    box = Text.get_window_extent(label, renderer)
+    curve_height = axis.transData.transform((1.0, 100.0))[1]
+    plt.close(figure)
+    assert panel.x0 <= box.x0 and box.x1 <= panel.x1
+    assert not box.y0 <= curve_height <= box.y1
 
 
 def test_seeds_of_a_variant_are_one_point_with_their_mean_and_spread():
