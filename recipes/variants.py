@@ -114,8 +114,8 @@ SUFFIXES = (
            lambda m, run: f"--rshare-mapping kmeans-balanced --finetune-from-model {run.compressed_checkpoint}",
            True, stage="balanced k-means codes + fine-tune"),
     Suffix("-distillW", f"distill(?P<w>{NUMBER})?", "distillation from the teacher, weight W (0.5 without it; "
-           "--criterion rshare_distill)", lambda m, run: f"--criterion rshare_distill --teacher-path "
-           f"{run.teacher_checkpoint} --distill-weight {m['w'] or 0.5}", True, stage="distillation"),
+           "--criterion rshare_distill)", lambda m, run: f"--teacher-path {run.teacher_checkpoint} "
+           f"--distill-weight {m['w'] or 0.5}", True, stage="distillation"),
     Suffix("-untied", "untied", "three tables (encoder input, decoder input, output) instead of one shared by "
            "all (--share-all-embeddings)", lambda m, run: "", recipes=("translation",)),
 )
@@ -128,7 +128,7 @@ def parse(recipe, name, words=0, work="work", seed=1):
         if not suffixes or not re.fullmatch(r"0?\.\d+", suffixes[0]) or not 0 < float(suffixes[0]) < 1:
             raise VariantError(f"variant {name!r}: rshare takes a ratio R with 0 < R < 1 next, e.g. rshare-0.1")
         ratio = float(suffixes[0])
-        out = [f"--rshare-ratio {suffixes[0]} --criterion rshare_cross_entropy"]
+        out = [f"--rshare-ratio {suffixes[0]}"]
         suffixes = suffixes[1:]
     elif base == "dense":
         ratio, out = None, ["--rshare-tables none"]
@@ -153,6 +153,9 @@ def parse(recipe, name, words=0, work="work", seed=1):
     starts = [suffix.name for suffix, _ in parsed if suffix.stage and suffix.name != "-distillW"]
     if len(starts) > 1:
         raise VariantError(f"variant {name!r}: {' and '.join(starts)} are two ways to start: use one")
+    if ratio is not None:
+        distills = any(suffix.name == "-distillW" for suffix, _ in parsed)
+        out.insert(1, f"--criterion {'rshare_distill' if distills else 'rshare_cross_entropy'}")
     return run, parsed, out
 
 
