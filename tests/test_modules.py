@@ -238,6 +238,10 @@ def test_eval_mode_reuses_the_materialized_matrix_until_the_pool_changes():
         output.table.pool.mul_(2.0)
         assert not torch.allclose(output(features), first)
         assert torch.allclose(torch.log_softmax(output(features), -1), output.materialized_forward(features))
+        kept = output._weight
+        output.eval()  # as fairseq's valid_step does before every batch
+        output(features)
+        assert output._weight is kept
     output.train()
     assert output._weight is None
 

@@ -185,7 +185,11 @@ class RandomSharedOutput(nn.Module):
         return self._weight
 
     def train(self, mode=True):
-        self._weight = self._weight_version = None  # training keeps no V x H copy around
+        """Training keeps no V x H copy around.  Entering eval mode keeps the matrix: fairseq's
+        valid_step calls model.eval() before every batch, and the version check already
+        rebuilds it once the pool has changed."""
+        if mode:
+            self._weight = self._weight_version = None
         return super().train(mode)
 
     def extra_repr(self):
