@@ -89,6 +89,10 @@ class RShareLSTMDecoder(SkipRenormalizationMixin, StatefulLSTMDecoder, LSTMDecod
         self.output_projection = output_projection
 
     def output_layer(self, x):
+        # The LSTM's features arrive as a transposed (B x T x H) view.  Without autograd
+        # (validation, eval-lm, generation), F.linear over such a view runs about 2x slower in
+        # float32 and 13x slower in bfloat16 on the CPU than over a copy (torch 2.13).
+        x = x.contiguous()
         if self.output_projection is None:
             return super().output_layer(x)
         return self.output_projection(x)
