@@ -1,6 +1,7 @@
 """Turn the recipes' results JSONs into markdown tables and figures.
 
-Runs are grouped by (corpus, preset, schedule: the command's --max-epoch or --max-update). The
+Runs are grouped by (corpus, preset, schedule: the command's --max-epoch or --max-update, and
+--bf16 or --fp16 where it trains in that precision). The
 runs of one variant with different seeds (the JSON's ``seed``, 1 when absent) are one point:
 their mean, with the lowest and highest as its spread.
 The table gives each point's embedding+softmax parameters as a fraction of dense's, and its
@@ -58,12 +59,17 @@ def total_params(run):
 
 
 def schedule(result):
-    """How long the run's command trains: its last --max-epoch, else its last --max-update."""
+    """How the run's command trains: its last --max-epoch, else its last --max-update, then its
+    precision where it is not float32 (", bf16" or ", fp16")."""
+    command = result.get("command", "")
+    length = "no limit"
     for flag, unit in (("--max-epoch", "epochs"), ("--max-update", "updates")):
-        found = re.findall(rf"{flag}[ =](\d+)", result.get("command", ""))
+        found = re.findall(rf"{flag}[ =](\d+)", command)
         if found:
-            return f"{found[-1]} {unit}"
-    return "no limit"
+            length = f"{found[-1]} {unit}"
+            break
+    precision = "".join(f", {flag}" for flag in ("bf16", "fp16") if re.search(rf"--{flag}(\s|$)", command))
+    return length + precision
 
 
 def points(results):

@@ -352,6 +352,14 @@ def test_runs_of_another_schedule_are_other_points_and_panels():
     assert results_table.schedule({"command": "fairseq-train d"}) == "no limit"
 
 
+def test_runs_in_bf16_or_fp16_are_their_own_schedule():
+    schedule = results_table.schedule
+    assert schedule({"command": "fairseq-train d --max-epoch 13 --bf16"}) == "13 epochs, bf16"
+    assert schedule({"command": "fairseq-train d --fp16 --max-update 50"}) == "50 updates, fp16"
+    assert schedule({"command": "fairseq-train d --max-epoch 13 --bf16-sr"}) == "13 epochs"  # another flag
+    assert schedule({"command": "fairseq-train d --max-epoch 13 --fp16 --fp16-init-scale 4"}) == "13 epochs, fp16"
+
+
 def test_runs_from_a_teacher_get_a_table_beside_it():
     def run(variant, ppl, tables, **extra):
         return {"corpus": "ptb", "preset": "cpu", "variant": variant, "test_ppl": ppl, "stage": "scratch",
