@@ -6,11 +6,18 @@ stops with a traceback through torch_xla's absence; here it trains on the CUDA G
 fp32 master weights, as fairseq's TPU path) or, with --cpu or without a GPU, on the CPU, where
 the fp32 master copy is kept per parameter (the flat copy is a CUDA one).  --fp16 keeps fairseq's
 fp16 optimizer, whose loss scaling needs a CUDA GPU: without one it stops with one line.
+
+In both, fairseq's checkpoint holds the model's 16-bit weights and not the fp32 master copy, so
+each resume would restart the master weights from their 16-bit rounding (a relative change of up
+to 0.4 % in bfloat16) and lose the updates too small to show in 16 bits.  The optimizer state
+now carries the master copy and a resume restores it; a checkpoint saved without one resumes as
+before.
 """
 import functools
 import importlib.util
 
 import torch
+from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from fairseq.trainer import Trainer
 
 from .errors import RShareConfigError
@@ -41,5 +48,37 @@ def trainer_init(self, cfg, *args, **kwargs):
     _fairseq_trainer_init(self, cfg, *args, **kwargs)
 
 
+def master_weights(optimizer):
+    """The fp32 master copy of an fp16/bf16 optimizer: one tensor per parameter, or one flat
+    tensor per device."""
+    params = optimizer.fp32_params
+    return list(params.values()) if isinstance(params, dict) else list(params)
+
+
+_fairseq_state_dict = _FP16OptimizerMixin.state_dict
+_fairseq_load_state_dict = _FP16OptimizerMixin.load_state_dict
+
+
+@functools.wraps(_fairseq_state_dict)
+def state_dict_with_master_weights(self):
+    state = _fairseq_state_dict(self)
+    state["fp32_params"] = [weights.detach().cpu().clone() for weights in master_weights(self)]
+    return state
+
+
+@functools.wraps(_fairseq_load_state_dict)
+def load_state_dict_with_master_weights(self, state_dict, optimizer_overrides=None):
+    saved = state_dict.get("fp32_params")
+    state_dict = {key: value for key, value in state_dict.items() if key != "fp32_params"}
+    _fairseq_load_state_dict(self, state_dict, optimizer_overrides)
+    if saved is None:
+        return
+    with torch.no_grad():  # the model's weights loaded before this, so the shapes match
+        for weights, saved_weights in zip(master_weights(self), saved, strict=True):
+            weights.copy_(saved_weights)
+
+
 def install():
     Trainer.__init__ = trainer_init
+    _FP16OptimizerMixin.state_dict = state_dict_with_master_weights
+    _FP16OptimizerMixin.load_state_dict = load_state_dict_with_master_weights

@@ -162,3 +162,30 @@ def test_the_lstm_lm_trains_in_lower_precision_close_to_float32(device, dtype, l
     losses, reference = lstm_lm_losses(lm_data, device, dtype), lstm_lm_losses(lm_data, device, "float32")
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
     assert abs(losses[-1] - reference[-1]) < 0.05 * reference[-1], (losses, reference)
+
+
+def lstm_lm_checkpoint(data, device, dtype, save_dir, updates):
+    """checkpoint_last.pt of the small LSTM LM trained (or resumed) to `updates` in `dtype`."""
+    task, model = FAMILIES["lstm_lm"]
+    fairseq("fairseq-train", data, "--user-dir", USER_DIR, *device_flags(device), *task, *model,
+            *PRECISION_FLAGS[dtype], "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1024",
+            "--max-update", updates, "--seed", "1", "--no-epoch-checkpoints", "--disable-validation",
+            "--no-progress-bar", "--criterion", "rshare_cross_entropy", "--save-dir", save_dir)
+    return torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,dtype", [(device, dtype) for device, dtype in DEVICE_DTYPES if dtype != "float32"])
+def test_a_lower_precision_run_resumes_from_its_fp32_master_weights(device, dtype, lm_data, tmp_path):
+    """20 updates at once, and 10 then 10 more after a resume, end with the same weights bit for
+    bit: the checkpoint carries the fp32 master copy, not only its 16-bit rounding."""
+    whole = lstm_lm_checkpoint(lm_data, device, dtype, tmp_path / "whole", 20)
+    lstm_lm_checkpoint(lm_data, device, dtype, tmp_path / "resumed", 10)
+    resumed = lstm_lm_checkpoint(lm_data, device, dtype, tmp_path / "resumed", 20)
+    assert resumed["optimizer_history"][-1]["num_updates"] == 20
+    for name, weights in whole["model"].items():
+        assert torch.equal(weights, resumed["model"][name]), name
+    master = whole["last_optimizer_state"]["fp32_params"]
+    assert [weights.dtype for weights in master] == [torch.float32] * len(master)
+    for weights, resumed_weights in zip(master, resumed["last_optimizer_state"]["fp32_params"], strict=True):
+        assert torch.equal(weights, resumed_weights)
