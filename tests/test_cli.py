@@ -208,12 +208,20 @@ def test_hub_interface_translates(trained, nmt_data):
     assert isinstance(translation, str) and translation.strip()
 
 
+DENSE = ["--rshare-tables", "none"]
+MATERIALIZE = ["--rshare-output-path", "materialize"]
+POOL_SCORES = ["--rshare-output-path", "pool-scores"]
+# case: (task, model flags, --label-smoothing, where rshare_cross_entropy takes the loss from)
 FUSED_LOSS_CASES = {
-    "lstm_lm": (lm_task(), LM_CASES["lstm_lm"], "0"),
-    "transformer_lm": (lm_task(), LM_CASES["transformer_lm"], "0"),
-    "lstm_share_all": (NMT_TASK, NMT_CASES["lstm_share_all"], "0.1"),
-    "transformer": (NMT_TASK, NMT_CASES["transformer"], "0.1"),
-    "lstm_lm_materialize": (lm_task(), [*LM_CASES["lstm_lm"], "--rshare-output-path", "materialize"], "0"),
+    "lstm_lm": (lm_task(), [*LM_CASES["lstm_lm"], *POOL_SCORES], "0", "the pool scores"),
+    "transformer_lm": (lm_task(), [*LM_CASES["transformer_lm"], *POOL_SCORES], "0", "the pool scores"),
+    "lstm_share_all": (NMT_TASK, [*NMT_CASES["lstm_share_all"], *POOL_SCORES], "0.1", "the pool scores"),
+    "transformer": (NMT_TASK, [*NMT_CASES["transformer"], *POOL_SCORES], "0.1", "the pool scores"),
+    "lstm_lm_materialize": (lm_task(), [*LM_CASES["lstm_lm"], *MATERIALIZE], "0", "the output layer's logits"),
+    "transformer_materialize": (NMT_TASK, [*NMT_CASES["transformer"], *MATERIALIZE], "0.1",
+                                "the output layer's logits"),
+    "lstm_lm_dense": (lm_task(), [*LM_CASES["lstm_lm"], *DENSE], "0", "the logits"),
+    "transformer_dense": (NMT_TASK, [*NMT_CASES["transformer"], *DENSE], "0.1", "the logits"),
 }
 
 
@@ -221,17 +229,15 @@ FUSED_LOSS_CASES = {
 def test_rshare_cross_entropy_trains_as_label_smoothed_cross_entropy(case, lm_data, nmt_data, tmp_path):
     """Same seed, same updates: the criterion that never builds tokens x V log-probabilities
     logs the losses fairseq's own criterion logs."""
-    task, flags, smoothing = FUSED_LOSS_CASES[case]
+    task, flags, smoothing, route = FUSED_LOSS_CASES[case]
     data = lm_data if task[1] == "language_modeling" else nmt_data
     losses = []
     for criterion in ("label_smoothed_cross_entropy", "rshare_cross_entropy"):
-        path = () if "--rshare-output-path" in flags else ("--rshare-output-path", "pool-scores")
         result = train(data, tmp_path / criterion, task, flags, max_update=4, extra=(
-            *path, "--criterion", criterion,
-            "--label-smoothing", smoothing, "--log-interval", "1", "--disable-validation"))
+            "--criterion", criterion, "--label-smoothing", smoothing, "--log-interval", "1", "--disable-validation"))
         log = result.stdout + result.stderr
         losses.append([float(x) for x in re.findall(r"\| train_inner \|.*? loss=([\d.]+)", log)])
-    assert ("loss from log-probabilities" if "materialize" in case else "loss from the pool scores") in log
+    assert f"rshare_cross_entropy: loss from {route}" in log
     assert len(losses[0]) == 4
     assert losses[0] == pytest.approx(losses[1], abs=2e-3)
 

@@ -1,4 +1,4 @@
-"""rshare_cross_entropy: fairseq's label-smoothed cross-entropy, computed from the pool scores."""
+"""rshare_cross_entropy: fairseq's label-smoothed cross-entropy without its tokens x V log-probabilities."""
 import logging
 
 import torch.nn.functional as F
@@ -9,7 +9,9 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     label_smoothed_nll_loss,
 )
 
+from ..models.rshare_decoders import SkipRenormalizationMixin
 from ..modules import RandomSharedOutput
+from ..kernels import cross_entropy_of_logits
 
 logger = logging.getLogger(__name__)
 
@@ -17,14 +19,21 @@ logger = logging.getLogger(__name__)
 @register_criterion("rshare_cross_entropy", dataclass=LabelSmoothedCrossEntropyCriterionConfig)
 class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     """``label_smoothed_cross_entropy`` (``--label-smoothing`` 0 by default: plain cross-entropy,
-    perplexity reported from nll_loss) that, for a model whose output layer takes the
-    pool-scores path, asks the decoder for its features and lets the output layer compute the
-    loss (``RandomSharedOutput.loss``): no tokens x V log-probabilities, forward or backward.
-    Other models, ``--report-accuracy`` (an argmax over V) and unreduced losses take the
-    parent's path, with the same values.
+    perplexity reported from nll_loss) without fairseq's tokens x V float32 log-probabilities,
+    the same values by one of three routes (each logged once):
+
+    - an rshare output layer, in training or on its pool-scores path, computes the loss from
+      the decoder's features (``RandomSharedOutput.loss``): from the pool scores, or from the
+      materialised matrix's logits;
+    - a decoder of the rshare family with a dense output layer and no adaptive softmax (the
+      dense baselines) gives logits, and the loss is taken from them
+      (``cross_entropy_of_logits``);
+    - otherwise (other models, ``--report-accuracy`` (an argmax over V), unreduced losses, and
+      an rshare output layer evaluating on materialize, which times its paths on real batches)
+      the parent's log-probabilities.
     """
 
-    announced = frozenset()  # the paths the loss has taken, each logged once
+    announced = frozenset()  # the routes the loss has taken, each logged once
 
     def compute_loss(self, model, net_output, sample, reduce=True):
         if not reduce:
@@ -40,27 +49,46 @@ class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         nll_loss = F.nll_loss(lprobs, target, ignore_index=self.padding_idx, reduction="sum")
         return nll_loss, nll_loss
 
+    def route(self, model, reduce):
+        """Where the loss comes from: "the pool scores", "the output layer's logits", "the
+        logits" or "log-probabilities" (see the class docstring)."""
+        decoder = getattr(model, "decoder", None)
+        output = getattr(decoder, "output_projection", None)
+        if self.report_accuracy or not reduce:
+            return "log-probabilities"
+        if isinstance(output, RandomSharedOutput):
+            if output.path == "pool-scores":
+                return "the pool scores"
+            return "the output layer's logits" if output.regime() == "training" else "log-probabilities"
+        if isinstance(decoder, SkipRenormalizationMixin) and getattr(decoder, "adaptive_softmax", None) is None:
+            return "the logits"
+        return "log-probabilities"
+
+    def scored(self, outputs, target):
+        """The (batch x time) outputs and targets that are scored: --ignore-prefix-size drops
+        the first positions."""
+        prefix = self.ignore_prefix_size
+        return (outputs[:, prefix:], target[:, prefix:]) if prefix > 0 else (outputs, target)
+
     def forward(self, model, sample, reduce=True):
         output = getattr(getattr(model, "decoder", None), "output_projection", None)
         if isinstance(output, RandomSharedOutput):
             output.measure_path_once(sample["ntokens"])
-        fused = isinstance(output, RandomSharedOutput) and output.path == "pool-scores"
-        fused = fused and not self.report_accuracy and reduce
-        if fused not in self.announced:
-            self.announced = self.announced | {fused}
-            logger.info(
-                "rshare_cross_entropy: loss from the pool scores" if fused else
-                "rshare_cross_entropy: loss from log-probabilities (no pool-scores output layer, "
-                "--report-accuracy or an unreduced loss)"
-            )
-        if not fused:
+        route = self.route(model, reduce)
+        if route not in self.announced:
+            self.announced = self.announced | {route}
+            logger.info(f"rshare_cross_entropy: loss from {route}")
+        if route == "log-probabilities":
             return super().forward(model, sample, reduce)
-        features, _ = model(**sample["net_input"], features_only=True)
-        target = model.get_targets(sample, None)
-        if self.ignore_prefix_size > 0:
-            features = features[:, self.ignore_prefix_size :]
-            target = target[:, self.ignore_prefix_size :]
-        loss, nll_loss = output.loss(features, target, self.eps, ignore_index=self.padding_idx)
+        if route == "the logits":
+            net_output = model(**sample["net_input"])
+            logits, target = self.scored(net_output[0], model.get_targets(sample, net_output))
+            loss, nll_loss = cross_entropy_of_logits(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                     self.eps, ignore_index=self.padding_idx)
+        else:
+            features, _ = model(**sample["net_input"], features_only=True)
+            features, target = self.scored(features, model.get_targets(sample, None))
+            loss, nll_loss = output.loss(features, target, self.eps, ignore_index=self.padding_idx)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {
             "loss": loss.data,

@@ -1,4 +1,4 @@
-"""The random-shared output layer's word functions, on fused kernels where a backend is
+"""The output layers' word functions and loss, on fused kernels where a backend is
 registered for the scores' device type and dtype, else on stock PyTorch ops (same values).
 
 A word's logit is the sum of K pool scores, ``logit[n, w] = sum_k scores[n, mapping_columns[w, k]]
@@ -10,10 +10,15 @@ score table.  Two functions of it, each with its backward:
 - :func:`logsumexp_of_words` returns only the (N,) log-normalisers, which with the target's
   logit is the cross-entropy: nothing of size N x V is ever written (``RandomSharedOutput.loss``).
 
+One function of dense (N, V) logits, :func:`cross_entropy_of_logits` (``cross_entropy.py``),
+gives fairseq's label-smoothed cross-entropy without the (N, V) log-probabilities: the loss of
+a materialised output layer and of a dense one.
+
 Backends: ``cpu.py`` (float32, compiled by ``build.py``).  A kernel for another device is one
 module that calls :func:`register` and is imported at the end of this one.
 """
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -107,4 +112,31 @@ def stock_word_logits(scores, mapping_columns, bias=None):
     return logits + bias if bias is not None else logits
 
 
+def first_order_only(what, instead):
+    """For a backward with no derivative of its own: a backward pass that builds a graph
+    (``create_graph=True``, for a second derivative) stops there with a message naming `what`
+    and what to use `instead`; torch's ``once_differentiable`` would let it through when the
+    incoming gradient is a constant, and the second derivative would silently miss that part."""
+    def decorator(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"fairseq_rshare: {what} is once differentiable: no second derivative "
+                                   f"(create_graph=True); {instead}")
+            return backward(ctx, *grads)
+        return checked
+    return decorator
+
+
+def proportionality(grad, expected, tolerance=1e-6):
+    """The factor c with grad = c * expected (to `tolerance` of grad's largest entry), or None."""
+    grad = grad.to(expected.dtype)
+    norm = expected.dot(expected)
+    factor = grad.dot(expected) / norm if norm > 0 else grad.new_zeros(())
+    if (grad - factor * expected).abs().max() <= tolerance * grad.abs().max():
+        return factor
+    return None
+
+
 from . import cpu  # noqa: E402,F401  (registers itself; after the registry it needs)
+from .cross_entropy import cross_entropy_of_logits  # noqa: E402,F401  (after the helpers it needs)

@@ -7,32 +7,16 @@ keeping each tile's logits (V x 8 floats a thread) between the two; every other 
 recomputes the logits instead of storing them.  They are available where :func:`extension`
 builds or loads them.
 """
-import functools
-
 import torch
 
-from . import Backend, register
+from . import Backend, first_order_only, proportionality, register
 from .build import extension
+
+first_order_kernels = first_order_only("the fused output kernels' backward", "use float64 inputs (stock ops) for that")
 
 
 def _bias_or_empty(scores, bias):
     return bias.float().contiguous() if bias is not None else scores.new_empty(0)
-
-
-def first_order_only(backward):
-    """The kernels' backward has no derivative of its own.  A backward pass that builds a graph
-    (``create_graph=True``, for a second derivative) stops here with a message; torch's
-    ``once_differentiable`` would let it through when the incoming gradient is a constant, and
-    the second derivative would silently miss the kernels' part."""
-    @functools.wraps(backward)
-    def checked(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fairseq_rshare: the fused output kernels are once differentiable: no second "
-                "derivative (create_graph=True); use float64 inputs (stock ops) for that"
-            )
-        return backward(ctx, *grads)
-    return checked
 
 
 class FusedLogSoftmaxOfWords(torch.autograd.Function):
@@ -44,7 +28,7 @@ class FusedLogSoftmaxOfWords(torch.autograd.Function):
         return lprobs
 
     @staticmethod
-    @first_order_only
+    @first_order_kernels
     def backward(ctx, grad):
         lprobs, scores, mapping_columns, bias = ctx.saved_tensors
         grad_scores, grad_bias = extension().log_softmax_backward(grad.contiguous(), lprobs, scores, mapping_columns, bias)
@@ -72,7 +56,7 @@ class FusedLogSumExpOfWords(torch.autograd.Function):
         return lse
 
     @staticmethod
-    @first_order_only
+    @first_order_kernels
     def backward(ctx, grad):
         scores, mapping_columns, bias, lse = ctx.saved_tensors[:4]
         if ctx.precomputed:
@@ -84,16 +68,6 @@ class FusedLogSumExpOfWords(torch.autograd.Function):
                 return grad_scores, None, grad_bias if bias.numel() else None, None
         grad_scores, grad_bias = extension().logsumexp_backward(grad.contiguous(), scores, mapping_columns, bias, lse)
         return grad_scores, None, grad_bias if bias.numel() else None, None
-
-
-def proportionality(grad, expected, tolerance=1e-6):
-    """The factor c with grad = c * expected (to `tolerance` of grad's largest entry), or None."""
-    grad = grad.float()
-    norm = expected.dot(expected)
-    factor = grad.dot(expected) / norm if norm > 0 else grad.new_zeros(())
-    if (grad - factor * expected).abs().max() <= tolerance * grad.abs().max():
-        return factor
-    return None
 
 
 register(Backend("cpu", torch.float32, available=lambda: extension() is not None,

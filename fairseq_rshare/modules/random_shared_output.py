@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RShareConfigError
-from ..kernels import log_softmax_of_words, logsumexp_of_words
+from ..kernels import cross_entropy_of_logits, log_softmax_of_words, logsumexp_of_words
 from .output_path import OUTPUT_PATHS, PathChooser
 from .random_shared_embedding import RandomSharedEmbedding
 
@@ -100,11 +100,7 @@ class RandomSharedOutput(nn.Module):
         inputs = [features.requires_grad_()] + [p for p in self.parameters() if p.requires_grad]
 
         def step(path):
-            if path == "pool-scores":
-                loss = self.loss(features, target)[0]
-            else:
-                loss = F.nll_loss(self.materialized_forward(features), target, reduction="sum")
-            torch.autograd.grad(loss, inputs)
+            torch.autograd.grad(self.loss(features, target, path=path)[0], inputs)
 
         return step
 
@@ -138,15 +134,20 @@ class RandomSharedOutput(nn.Module):
         scores = self.table.layout.pool_scores(slices, self.table.pool)
         return scores.transpose(0, 1).reshape(slices.shape[1], -1).to(self.scores_dtype())
 
-    def loss(self, features, target, label_smoothing=0.0, ignore_index=None):
+    def loss(self, features, target, label_smoothing=0.0, ignore_index=None, path=None):
         """Summed (label-smoothed) cross-entropy and summed NLL, as fairseq's
-        ``label_smoothed_nll_loss`` computes them from log-probabilities, but from the pool
-        scores: -log p(target) = logsumexp - logit(target), and the smoothing term needs only
-        the sum of all logits, sum_w logit(w) = sum_r (uses of score r) * score r.  Nothing of
-        size tokens x V is built, in the forward or the backward.
+        ``label_smoothed_nll_loss`` computes them from log-probabilities, on `path` (the
+        layer's own by default).  On pool-scores: -log p(target) = logsumexp - logit(target),
+        and the smoothing term needs only the sum of all logits, sum_w logit(w) = sum_r (uses
+        of score r) * score r, so nothing of size tokens x V is built, in the forward or the
+        backward.  On materialize: from the logits (:func:`.cross_entropy_of_logits`), without
+        the tokens x V log-probabilities.
         """
-        scores = self.pool_scores(features)
         target = target.reshape(-1)
+        if (path or self.path) == "materialize":
+            logits = self.materialized_logits(features).reshape(-1, self.table.num_embeddings)
+            return cross_entropy_of_logits(logits, target, label_smoothing, ignore_index)
+        scores = self.pool_scores(features)
         keep = target.ne(ignore_index) if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
         # Both losses below weigh each kept token's log-normaliser alike: the gradient to expect.
         logsumexp = logsumexp_of_words(scores, self.mapping_columns, self.bias, expected_grad=keep.to(scores.dtype))
