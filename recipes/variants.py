@@ -4,8 +4,8 @@ recipes.variants --help`` prints it, and the recipes call ``python3 -m recipes.v
 --words V`` for a run's flags.
 
 ``dense`` is fairseq's dense tables run by the same code (``--rshare-tables none``); ``rshare-R``
-random-shares every table at ratio R of dense and trains with ``--criterion
-rshare_cross_entropy``. A suffix marked "rshare" needs an rshare base; one marked "lm" or
+random-shares every table at ratio R of dense.  Both train with ``--criterion
+rshare_cross_entropy`` (fairseq's cross-entropy, computed without tokens x V log-probabilities). A suffix marked "rshare" needs an rshare base; one marked "lm" or
 "translation" belongs to that recipe only.
 
 Runs can start from a trained dense model, their *teacher*: the run ``dense`` with the same
@@ -153,9 +153,8 @@ def parse(recipe, name, words=0, work="work", seed=1):
     starts = [suffix.name for suffix, _ in parsed if suffix.stage and suffix.name != "-distillW"]
     if len(starts) > 1:
         raise VariantError(f"variant {name!r}: {' and '.join(starts)} are two ways to start: use one")
-    if ratio is not None:
-        distills = any(suffix.name == "-distillW" for suffix, _ in parsed)
-        out.insert(1, f"--criterion {'rshare_distill' if distills else 'rshare_cross_entropy'}")
+    distills = any(suffix.name == "-distillW" for suffix, _ in parsed)
+    out.insert(1, f"--criterion {'rshare_distill' if distills else 'rshare_cross_entropy'}")
     return run, parsed, out
 
 
