@@ -228,17 +228,17 @@ FUSED_LOSS_CASES = {
 @pytest.mark.parametrize("case", sorted(FUSED_LOSS_CASES))
 def test_rshare_cross_entropy_trains_as_label_smoothed_cross_entropy(case, lm_data, nmt_data, tmp_path):
     """Same seed, same updates: the criterion that never builds tokens x V log-probabilities
-    logs the losses fairseq's own criterion logs."""
+    logs the training and validation losses fairseq's own criterion logs."""
     task, flags, smoothing, route = FUSED_LOSS_CASES[case]
     data = lm_data if task[1] == "language_modeling" else nmt_data
     losses = []
     for criterion in ("label_smoothed_cross_entropy", "rshare_cross_entropy"):
         result = train(data, tmp_path / criterion, task, flags, max_update=4, extra=(
-            "--criterion", criterion, "--label-smoothing", smoothing, "--log-interval", "1", "--disable-validation"))
+            "--criterion", criterion, "--label-smoothing", smoothing, "--log-interval", "1", "--no-save"))
         log = result.stdout + result.stderr
-        losses.append([float(x) for x in re.findall(r"\| train_inner \|.*? loss=([\d.]+)", log)])
+        losses.append([float(x) for x in re.findall(r"\| (?:train_inner \|.*? loss=|valid \|.*? loss )([\d.]+)", log)])
     assert f"rshare_cross_entropy: loss from {route}" in log
-    assert len(losses[0]) == 4
+    assert len(losses[0]) == 5  # 4 updates, 1 validation
     assert losses[0] == pytest.approx(losses[1], abs=2e-3)
 
 

@@ -22,15 +22,15 @@ class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     perplexity reported from nll_loss) without fairseq's tokens x V float32 log-probabilities,
     the same values by one of three routes (each logged once):
 
-    - an rshare output layer, in training or on its pool-scores path, computes the loss from
-      the decoder's features (``RandomSharedOutput.loss``): from the pool scores, or from the
-      materialised matrix's logits;
+    - an rshare output layer computes the loss from the decoder's features
+      (``RandomSharedOutput.loss``): from the pool scores, or from the materialised matrix's
+      logits;
     - a decoder of the rshare family with a dense output layer and no adaptive softmax (the
       dense baselines) gives logits, and the loss is taken from them
       (``cross_entropy_of_logits``);
     - otherwise (other models, ``--report-accuracy`` (an argmax over V), unreduced losses, and
-      an rshare output layer evaluating on materialize, which times its paths on real batches)
-      the parent's log-probabilities.
+      an rshare output layer whose ``auto`` has yet to time its evaluation paths, which it does
+      on real batches of its forward) the parent's log-probabilities.
     """
 
     announced = frozenset()  # the routes the loss has taken, each logged once
@@ -59,7 +59,7 @@ class RShareCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if isinstance(output, RandomSharedOutput):
             if output.path == "pool-scores":
                 return "the pool scores"
-            return "the output layer's logits" if output.regime() == "training" else "log-probabilities"
+            return "the output layer's logits" if output.path_settled() else "log-probabilities"
         if isinstance(decoder, SkipRenormalizationMixin) and getattr(decoder, "adaptive_softmax", None) is None:
             return "the logits"
         return "log-probabilities"

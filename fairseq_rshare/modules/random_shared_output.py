@@ -81,6 +81,10 @@ class RandomSharedOutput(nn.Module):
         """The path taken where the parameters are now: the chosen one once there is one."""
         return self.chooser.path(self.table.pool.device, self.scores_dtype(), self.regime())
 
+    def path_settled(self):
+        """No timing is left to do in this regime: forward takes :attr:`path`."""
+        return not self.chooser.needs_timing(self.table.pool.device, self.scores_dtype(), self.regime())
+
     def measure_path_once(self, num_tokens):
         """With path "auto", choose the training path once: time both on this many tokens,
         forward and backward of the loss, and keep the faster, or, where the cost model is clear
