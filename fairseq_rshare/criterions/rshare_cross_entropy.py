@@ -9,9 +9,9 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     label_smoothed_nll_loss,
 )
 
+from ..kernels import cross_entropy_of_logits
 from ..models.rshare_decoders import SkipRenormalizationMixin
 from ..modules import RandomSharedOutput
-from ..kernels import cross_entropy_of_logits
 
 logger = logging.getLogger(__name__)
 
