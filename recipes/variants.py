@@ -5,8 +5,9 @@ recipes.variants --help`` prints it, and the recipes call ``python3 -m recipes.v
 
 ``dense`` is fairseq's dense tables run by the same code (``--rshare-tables none``); ``rshare-R``
 random-shares every table at ratio R of dense.  Both train with ``--criterion
-rshare_cross_entropy`` (fairseq's cross-entropy, computed without tokens x V log-probabilities). A suffix marked "rshare" needs an rshare base; one marked "lm" or
-"translation" belongs to that recipe only.
+rshare_cross_entropy`` (fairseq's cross-entropy, without tokens x V log-probabilities).  A
+suffix marked "rshare" needs an rshare base; one marked "lm" or "translation" belongs to that
+recipe only.
 
 Runs can start from a trained dense model, their *teacher*: the run ``dense`` with the same
 model suffixes (-tied, -hN, -dropP, -untied; e.g. ``rshare-0.1-bias-compress-tied`` starts from
