@@ -149,7 +149,9 @@ class RandomSharedOutput(nn.Module):
         """
         target = target.reshape(-1)
         if (path or self.path) == "materialize":
-            logits = self.materialized_logits(features).reshape(-1, self.table.num_embeddings)
+            # Flat rows, copied if need be: an LSTM's features come as a transposed (B x T x H)
+            # view, over which F.linear without autograd runs up to 13x slower (bfloat16, CPU).
+            logits = self.materialized_logits(features.reshape(-1, features.shape[-1]))
             return cross_entropy_of_logits(logits, target, label_smoothing, ignore_index)
         scores = self.pool_scores(features)
         keep = target.ne(ignore_index) if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
