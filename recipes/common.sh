@@ -46,11 +46,11 @@ start_from_teacher() {
 
 # train_variant NAME RUN_DIR FAIRSEQ_TRAIN_ARGS...: train one run into RUN_DIR (no epoch
 # checkpoints unless CHECKPOINTS gives other flags, e.g. --keep-last-epochs 3); the command is
-# kept in RUN_DIR/train.cmd, its log in train.log, its wall time in train.seconds. A RUN_DIR
-# holding checkpoint_last.pt (a run stopped on the way) is resumed from it, as fairseq-train
-# does; delete RUN_DIR to start that run over.
+# kept in RUN_DIR/train.cmd, its log in train.log (record_result.py reads the wall time from it).
+# A RUN_DIR holding checkpoint_last.pt (a run stopped on the way) is resumed from it, as
+# fairseq-train does; delete RUN_DIR to start that run over.
 train_variant() {
-  local name=$1 run=$2 start
+  local name=$1 run=$2
   shift 2
   rm -f "$WORK/results/$(seeded "$name").json"
   if [ -f "$run/checkpoint_last.pt" ]; then
@@ -62,11 +62,8 @@ train_variant() {
   mkdir -p "$run"
   printf '%q ' fairseq-train "$@" --seed "${SEED:-1}" --save-dir "$run" ${CHECKPOINTS:---no-epoch-checkpoints} \
     --log-format simple --log-interval 50 --no-progress-bar $EXTRA >"$run/train.cmd"
-  start=$(date +%s)
   PYTHONUNBUFFERED=1 bash "$run/train.cmd" >>"$run/train.log" 2>&1 \
     || die "training $name failed: see $run/train.log"
-  echo $(( $(date +%s) - start + $(cat "$run/train.seconds" 2>/dev/null || echo 0) )) >"$run/train.seconds.new"
-  mv "$run/train.seconds.new" "$run/train.seconds"
   grep "| valid |" "$run/train.log" | sed 's/.*| valid |/    valid |/' | tail -3
 }
 
@@ -97,7 +94,7 @@ record_variant() {
   fi
   python3 "$HERE/record_result.py" --out "$WORK/results/$(seeded "$name").json" --corpus "$CORPUS" \
     --preset "$PRESET" --variant "$name" --checkpoint "$checkpoint" \
-    --train-log "$run/train.log" --train-seconds "$(cat "$run/train.seconds")" \
+    --train-log "$run/train.log" \
     --command-file "$run/train.cmd" --stage "$(variants stage "$recipe" 0 "$variant")" "$@"
 }
 

@@ -43,6 +43,25 @@ def training_speed(train_log):
     return {"words_per_second": round(words_per_second, 1), "updates": updates}
 
 
+def training_seconds(train_log):
+    """Wall time of training, from its log: each fairseq-train start in it (a run resumed after a
+    stop appends another) to that start's last timestamped line, summed. A segment stopped on the
+    way counts too, all but the time after its last logged line."""
+    with open(train_log) as f:
+        lines = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| \w+ \| (\S+) \| (.)", f.read(), re.M)
+    seconds, start, last = 0.0, None, None
+    for stamp, source, first_character in lines:
+        time = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")
+        if source == "fairseq_cli.train" and first_character == "{":  # fairseq-train logs its config first
+            if start is not None:
+                seconds += (last - start).total_seconds()
+            start = time
+        last = time
+    if start is None:
+        fail(f"{train_log} has no fairseq-train start (its config line): is it a fairseq-train log?")
+    return seconds + (last - start).total_seconds()
+
+
 def validation_curve(train_log):
     """[[updates, validation perplexity], ...] of every validation in the log, in order."""
     with open(train_log) as f:
@@ -144,7 +163,6 @@ def main(argv=None):
     parser.add_argument("--variant", required=True)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--train-log", required=True)
-    parser.add_argument("--train-seconds", type=float, required=True)
     parser.add_argument("--command-file", required=True, help="file holding the fairseq-train command")
     parser.add_argument("--eval-log", help="fairseq-eval-lm log (language models)")
     parser.add_argument("--generate-log", help="fairseq-generate log (translation)")
@@ -179,7 +197,7 @@ def main(argv=None):
         "params": params,
         "embedding_softmax_params": params["input"] + params["output"],
         "checkpoint_bytes": os.path.getsize(args.checkpoint),
-        "train_seconds": round(args.train_seconds, 1),
+        "train_seconds": training_seconds(args.train_log),
         **training_speed(args.train_log),
         "valid_curve": validation_curve(args.train_log),
         "command": command,

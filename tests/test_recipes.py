@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -159,13 +160,17 @@ def test_failed_training_leaves_no_results_json(tmp_path):
 def test_lm_recipe_resumes_a_stopped_run(tmp_path):
     data = small_lm_corpus(tmp_path / "corpus")
     variables = dict(DATA=data, PRESET="smoke", WORK=tmp_path / "work", VARIANTS="rshare-0.1-bias")
+    started = time.monotonic()
     recipe("lm.sh", tmp_path, STEPS="prepare train", EXTRA="--max-update 10", **variables)
     resumed = recipe("lm.sh", tmp_path, STEPS="train evaluate", EXTRA="--max-update 20", **variables)
+    elapsed = time.monotonic() - started
     assert "resume rshare-0.1-bias (smoke preset) from" in resumed.stdout
     log = (tmp_path / "work/rshare-0.1-bias/train.log").read_text()
     assert re.search(r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ 10 updates\)", log)
     with open(tmp_path / "work/results/rshare-0.1-bias.json") as f:
-        assert json.load(f)["updates"] == 20
+        result = json.load(f)
+    assert result["updates"] == 20
+    assert 0 < result["train_seconds"] < elapsed  # both segments, read from the log
 
 
 def check_results(results_dir, variants, metric, better_than, checkpoint="checkpoint_best.pt", suffix=""):
@@ -401,6 +406,23 @@ def test_record_result_reads_the_seed_and_the_validation_curve(tmp_path):
     assert record_result.validation_curve(str(log)) == [[2324, 185.8], [4648, 1143.7]]
     assert record_result.training_seed("fairseq-train data --seed 1 --lr 1 --seed 3") == 3
     assert record_result.training_seed("fairseq-train data --lr 1") == 1
+
+
+def test_record_result_sums_the_wall_time_of_every_segment_of_a_resumed_run(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "2026-01-01 23:59:00 | INFO | fairseq_cli.train | {'_name': None, 'common': {}}\n"
+        "2026-01-02 00:09:00 | INFO | train_inner | epoch 001:    500 / 900 loss=7.1, num_updates=500\n"
+        "2026-01-02 00:09:30 | INFO | fairseq.trainer | Saved checkpoint (epoch 1 @ 500 updates)\n"
+        "/venv/lib/python3.11/site-packages/torch/utils/data/dataloader.py:1102: UserWarning: ...\n"
+        "2026-01-02 05:00:00 | INFO | fairseq_cli.train | {'_name': None, 'common': {}}\n"
+        "2026-01-02 05:00:05 | INFO | fairseq_cli.train | model: RShareLSTMLanguageModel\n"
+        "2026-01-02 05:20:05 | INFO | fairseq_cli.train | done training in 1195.0 seconds\n")
+    # 10.5 minutes stopped after their last line, then 20 minutes resumed; not the 5 hours between
+    assert record_result.training_seconds(str(log)) == 630 + 1205
+    log.write_text("2026-01-01 00:00:00 | INFO | fairseq.trainer | Saved checkpoint\n")
+    with pytest.raises(SystemExit, match="has no fairseq-train start"):
+        record_result.training_seconds(str(log))
 
 
 def first_lines(corpus, folder, lines):
