@@ -51,12 +51,12 @@ def training_seconds(train_log):
         lines = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| \w+ \| (\S+) \| (.)", f.read(), re.M)
     seconds, start, last = 0.0, None, None
     for stamp, source, first_character in lines:
-        time = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")
+        moment = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")
         if source == "fairseq_cli.train" and first_character == "{":  # fairseq-train logs its config first
             if start is not None:
                 seconds += (last - start).total_seconds()
-            start = time
-        last = time
+            start = moment
+        last = moment
     if start is None:
         fail(f"{train_log} has no fairseq-train start (its config line): is it a fairseq-train log?")
     return seconds + (last - start).total_seconds()
