@@ -43,10 +43,16 @@ def training_speed(train_log):
     return {"words_per_second": round(words_per_second, 1), "updates": updates}
 
 
+# What a running fairseq-train logs from; the lines a starting one logs before its config line
+# (import-time notices such as fairseq's tensorboardX hint) come from other modules.
+TRAINING_SOURCES = re.compile(
+    r"train_inner|train|valid|fairseq_cli\..+|fairseq\.(trainer|checkpoint_utils|data\..+)")
+
+
 def training_seconds(train_log):
     """Wall time of training, from its log: each fairseq-train start in it (a run resumed after a
-    stop appends another) to that start's last timestamped line, summed. A segment stopped on the
-    way counts too, all but the time after its last logged line."""
+    stop appends another) to that start's last line logged by the training itself, summed. A
+    segment stopped on the way counts too, all but the time after its last logged line."""
     with open(train_log) as f:
         lines = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| \w+ \| (\S+) \| (.)", f.read(), re.M)
     seconds, start, last = 0.0, None, None
@@ -55,8 +61,9 @@ def training_seconds(train_log):
         if source == "fairseq_cli.train" and first_character == "{":  # fairseq-train logs its config first
             if start is not None:
                 seconds += (last - start).total_seconds()
-            start = moment
-        last = moment
+            start = last = moment
+        elif start is not None and TRAINING_SOURCES.fullmatch(source):
+            last = moment
     if start is None:
         fail(f"{train_log} has no fairseq-train start (its config line): is it a fairseq-train log?")
     return seconds + (last - start).total_seconds()

@@ -415,10 +415,12 @@ def test_record_result_sums_the_wall_time_of_every_segment_of_a_resumed_run(tmp_
         "2026-01-02 00:09:00 | INFO | train_inner | epoch 001:    500 / 900 loss=7.1, num_updates=500\n"
         "2026-01-02 00:09:30 | INFO | fairseq.trainer | Saved checkpoint (epoch 1 @ 500 updates)\n"
         "/venv/lib/python3.11/site-packages/torch/utils/data/dataloader.py:1102: UserWarning: ...\n"
+        "2026-01-02 04:59:58 | INFO | fairseq.tasks.text_to_speech | Please install tensorboardX\n"
         "2026-01-02 05:00:00 | INFO | fairseq_cli.train | {'_name': None, 'common': {}}\n"
         "2026-01-02 05:00:05 | INFO | fairseq_cli.train | model: RShareLSTMLanguageModel\n"
         "2026-01-02 05:20:05 | INFO | fairseq_cli.train | done training in 1195.0 seconds\n")
-    # a segment of 10.5 minutes stopped after its last line, then 20 resumed; not the 5 hours between
+    # a segment of 10.5 minutes stopped after its last line, then 20 resumed; not the 5 hours between,
+    # which end at the resumed run's import-time notice
     assert record_result.training_seconds(str(log)) == 630 + 1205
     log.write_text("2026-01-01 00:00:00 | INFO | fairseq.trainer | Saved checkpoint\n")
     with pytest.raises(SystemExit, match="has no fairseq-train start"):
