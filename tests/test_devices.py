@@ -104,6 +104,19 @@ def test_bf16_trains_on_the_gpu_or_the_cpu_not_a_missing_tpu(monkeypatch, gpu):
     assert cfg.common.cpu == cfg.common.fp16_no_flatten_grads == (not gpu)
 
 
+@pytest.mark.parametrize("gpu, avx512_bf16, amx, warns", [
+    (False, False, False, True), (False, True, False, False), (False, False, True, False), (True, False, False, False),
+])
+def test_bf16_warns_where_the_cpu_only_emulates_it(monkeypatch, caplog, gpu, avx512_bf16, amx, warns):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    check_precision(fairseq_common(bf16=True, tpu=True))
+    check_precision(fairseq_common())  # float32 never warns
+    emulated = [record for record in caplog.records if "bfloat16 is emulated" in record.getMessage()]
+    assert len(emulated) == warns
+
+
 LM_DATA_FLAGS = ["--task", "language_modeling", "--tokens-per-sample", "32"]
 NMT_DATA_FLAGS = ["--task", "translation", "--source-lang", "de", "--target-lang", "en"]
 SMALL = ["--decoder-embed-dim", "32", "--decoder-layers", "1"]
