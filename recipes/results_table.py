@@ -1,9 +1,10 @@
 """Turn the recipes' results JSONs into markdown tables and figures.
 
-Runs are grouped by (corpus, preset, schedule: the command's --max-epoch or --max-update, and
---bf16 or --fp16 where it trains in that precision). The
+Runs are grouped by (corpus, preset, schedule: the command's --max-epoch or --max-update). The
 runs of one variant with different seeds (the JSON's ``seed``, 1 when absent) are one point:
-their mean, with the lowest and highest as its spread.
+their mean, with the lowest and highest as its spread. Each point's precision (--bf16 or --fp16
+where its command trains in it) is written beside its schedule, every one its seeds used where
+they differ: PTB's check measured bf16 within float32's seed spread (ptb-stateful-cpu-bf16).
 The table gives each point's embedding+softmax parameters as a fraction of dense's, and its
 metric's change from dense; a second table compares the runs that start from a trained dense
 model with that model, their teacher. Each figure answers one question, one panel per group:
@@ -59,8 +60,7 @@ def total_params(run):
 
 
 def schedule(result):
-    """How the run's command trains: its last --max-epoch, else its last --max-update, then its
-    precision where it is not float32 (", bf16" or ", fp16")."""
+    """How long the run's command trains: its last --max-epoch, else its last --max-update."""
     command = result.get("command", "")
     length = "no limit"
     for flag, unit in (("--max-epoch", "epochs"), ("--max-update", "updates")):
@@ -68,8 +68,19 @@ def schedule(result):
         if found:
             length = f"{found[-1]} {unit}"
             break
-    precision = "".join(f", {flag}" for flag in ("bf16", "fp16") if re.search(rf"--{flag}(\s|$)", command))
-    return length + precision
+    return length
+
+
+def precision(result):
+    """The run's training precision: bf16 or fp16 where its command asks for it, else float32."""
+    command = result.get("command", "")
+    return next((flag for flag in ("bf16", "fp16") if re.search(rf"--{flag}(\s|$)", command)), "float32")
+
+
+def schedule_text(schedule, precisions):
+    """A schedule with the precisions its runs trained in, where any is not float32."""
+    precisions = sorted(set(precisions))
+    return schedule if precisions == ["float32"] else f"{schedule}, {'/'.join(precisions)}"
 
 
 def points(results):
@@ -84,11 +95,13 @@ def points(results):
         seeds = sorted(run.get("seed", 1) for run in runs)
         if len(set(seeds)) != len(seeds):
             sys.exit(f"results_table: error: {corpus} {preset} {variant} has two results of seed "
-                     f"{next(s for s in seeds if seeds.count(s) > 1)}")
+                     f"{next(s for s in seeds if seeds.count(s) > 1)}: tabulate a rerun (in another "
+                     "precision, say) apart from the run it repeats")
         if len({total_params(run) for run in runs}) > 1:
             sys.exit(f"results_table: error: the seeds of {corpus} {preset} {variant} differ in parameters")
         point = {
-            **runs[0], "schedule": trained, **over_seeds([run[metric] for run in runs], metric, seeds),
+            **runs[0], "schedule": trained, "precisions": sorted({precision(run) for run in runs}),
+            **over_seeds([run[metric] for run in runs], metric, seeds),
             "words_per_second": statistics.mean(run["words_per_second"] for run in runs),
             "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
         }
@@ -143,8 +156,9 @@ def markdown(results):
                 change = f"{point[metric] - dense[metric]:+.2f}" if metric == "test_bleu" else \
                     f"{100 * (point[metric] / dense[metric] - 1):+.1f} %"
                 fraction = f"{100 * point['embedding_softmax_params'] / dense['embedding_softmax_params']:.1f} %"
+            trained = schedule_text(point["schedule"], point["precisions"])
             lines.append(
-                f"| {corpus} | {preset} | {point['schedule']} | {point['variant']} | {METRICS[metric]} "
+                f"| {corpus} | {preset} | {trained} | {point['variant']} | {METRICS[metric]} "
                 f"| {value_text(point, metric)} "
                 f"| {change} | {point['embedding_softmax_params']:,} | {fraction} "
                 f"| {point['params']['body']:,} | {total_params(point):,} | {point['checkpoint_bytes'] / 1e6:.1f} "
@@ -178,8 +192,9 @@ def teacher_markdown(results):
         compressed = point.get("compressed", {})
         before = f"{compressed['valid_ppl']:.2f} ({compressed['teacher_valid_ppl']:.2f})" \
             if "valid_ppl" in compressed else "–"
+        trained = schedule_text(point["schedule"], point["precisions"])
         lines.append(
-            f"| {point['corpus']} | {point['preset']} | {point['schedule']} | {point['variant']} | {point['stage']} "
+            f"| {point['corpus']} | {point['preset']} | {trained} | {point['variant']} | {point['stage']} "
             f"| {teacher['variant']} "
             f"| {value_text(teacher, metric)} | {value_text(point, metric)} | {change} "
             f"| {100 * compressed_fraction(point['params'], teacher['params']):.1f} % | {before} "
@@ -242,7 +257,8 @@ def plot(results, path, params_of, xlabel):
         axis.tick_params(axis="x", labelsize=7, labelrotation=30)
         axis.set_xlabel(xlabel)
         axis.set_ylabel(METRICS[metric] + (" (higher is better)" if metric == "test_bleu" else " (lower is better)"))
-        axis.set_title(f"{corpus} ({preset} preset, {trained})")
+        precisions = [used for point in group for used in point["precisions"]]
+        axis.set_title(f"{corpus} ({preset} preset, {schedule_text(trained, precisions)})")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
         panels.append((axis, labels))
@@ -344,6 +360,7 @@ def curves_plot(chosen, path):
             ticks(LogFormatter())  # plain numbers, not powers of ten
         axis.set_xlabel("updates")
         axis.set_ylabel("validation perplexity")
+        trained = schedule_text(trained, map(precision, runs))
         axis.set_title(f"{corpus} ({preset} preset, {trained}): best at each budget", fontsize=10)
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=7)

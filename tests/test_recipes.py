@@ -357,12 +357,25 @@ def test_runs_of_another_schedule_are_other_points_and_panels():
     assert results_table.schedule({"command": "fairseq-train d"}) == "no limit"
 
 
-def test_runs_in_bf16_or_fp16_are_their_own_schedule():
-    schedule = results_table.schedule
-    assert schedule({"command": "fairseq-train d --max-epoch 13 --bf16"}) == "13 epochs, bf16"
-    assert schedule({"command": "fairseq-train d --fp16 --max-update 50"}) == "50 updates, fp16"
-    assert schedule({"command": "fairseq-train d --max-epoch 13 --bf16-sr"}) == "13 epochs"  # another flag
-    assert schedule({"command": "fairseq-train d --max-epoch 13 --fp16 --fp16-init-scale 4"}) == "13 epochs, fp16"
+def test_seeds_in_other_precisions_are_one_point_that_names_each_precision():
+    precision = results_table.precision
+    assert precision({"command": "fairseq-train d --max-epoch 13 --bf16"}) == "bf16"
+    assert precision({"command": "fairseq-train d --fp16 --max-update 50"}) == "fp16"
+    assert precision({"command": "fairseq-train d --max-epoch 13 --bf16-sr"}) == "float32"  # another flag
+    assert precision({"command": "fairseq-train d --max-epoch 13 --fp16 --fp16-init-scale 4"}) == "fp16"
+
+    def run(variant, seed, ppl, precision_flag=""):
+        return {"corpus": "wikitext2", "preset": "cpu", "variant": variant, "seed": seed, "test_ppl": ppl,
+                "command": f"fairseq-train d --max-epoch 13 {precision_flag}", "params": {"input": 10, "body": 5},
+                "embedding_softmax_params": 10, "words_per_second": 1.0, "train_seconds": 60.0, "checkpoint_bytes": 1}
+    results = [run("dense", 1, 120.0, "--bf16"), run("dense", 2, 124.0), run("rshare-0.5", 1, 110.0, "--bf16")]
+    table = results_table.markdown(results)
+    assert "| wikitext2 | cpu | 13 epochs, bf16/float32 | dense | test ppl | 122.00 (120.00–124.00, 2 seeds) |" in table
+    assert "| wikitext2 | cpu | 13 epochs, bf16 | rshare-0.5 | test ppl | 110.00 | -9.8 % |" in table
+    assert set(results_table.groups(results_table.points(results))) == {("wikitext2", "cpu", "13 epochs")}
+    assert results_table.schedule_text("13 epochs", ["float32", "float32"]) == "13 epochs"
+    with pytest.raises(SystemExit, match="two results of seed 1: tabulate a rerun"):
+        results_table.points([run("dense", 1, 120.0, "--bf16"), run("dense", 1, 120.1)])
 
 
 def test_runs_from_a_teacher_get_a_table_beside_it():
