@@ -2,9 +2,9 @@
 
 Runs are grouped by (corpus, preset, schedule: the command's --max-epoch or --max-update). The
 runs of one variant with different seeds (the JSON's ``seed``, 1 when absent) are one point:
-their mean, with the lowest and highest as its spread. Each point's precision (--bf16 or --fp16
-where its command trains in it) is written beside its schedule, every one its seeds used where
-they differ: PTB's check measured bf16 within float32's seed spread (ptb-stateful-cpu-bf16).
+their mean, with the lowest and highest as its spread, whatever precision each seed trained in
+(PTB's check, ptb-stateful-cpu-bf16, measured bf16 within float32's seed spread); the schedule
+column names each precision other than float32 (--bf16, --fp16) that a point's seeds used.
 The table gives each point's embedding+softmax parameters as a fraction of dense's, and its
 metric's change from dense; a second table compares the runs that start from a trained dense
 model with that model, their teacher. Each figure answers one question, one panel per group:
